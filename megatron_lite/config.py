@@ -1,0 +1,422 @@
+"""Typed configuration built from Megatron-LM-spelled command-line flags.
+
+Each dataclass field is named exactly as the argparse dest of its flag
+(``--tensor-model-parallel-size`` -> ``tensor_model_parallel_size``), so ``from_namespace``
+fills them by name. ``validate`` checks every combination once, before any process group
+exists, and raises ``ConfigError`` with one message naming the flags and what to do.
+Configs are plain data (``asdict``) so checkpoints can store them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import List, Optional
+
+
+class ConfigError(ValueError):
+    """A bad flag or flag combination. The message names the flags and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size
+    num_attention_heads: int = 4
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None  # default seq_length
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
+    rotary_base: float = 10000.0
+    vocab_size: Optional[int] = None  # unpadded; from the tokenizer unless given
+    padded_vocab_size: Optional[int] = None  # filled by pad_vocab_size()
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layernorm_epsilon: float = 1e-5
+    untie_embeddings_and_output_weights: bool = False
+    attention_backend: str = "auto"  # auto | unfused | fused_softmax | sdpa
+    masked_softmax_fusion: bool = True
+    attention_softmax_in_fp32: bool = True
+    recompute_granularity: Optional[str] = None  # full | selective
+    recompute_method: Optional[str] = None  # uniform | block
+    recompute_num_layers: Optional[int] = None
+    sequence_parallel: bool = False
+    fp16: bool = False
+    bf16: bool = False
+    eod_mask_loss: bool = False
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+
+    def __post_init__(self):
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+
+    @property
+    def params_dtype(self):
+        import torch
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    decoder_last_pipeline_num_layers: Optional[int] = None
+    pipeline_schedule: Optional[str] = None  # gpipe | 1f1b | interleaved; default from the layout
+    distributed_backend: Optional[str] = None  # nccl | gloo; default nccl with CUDA, else gloo
+    distributed_timeout_minutes: float = 10.0
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    ddp_bucket_size: Optional[int] = None
+    data_parallel_size: Optional[int] = None  # derived: world // (TP * PP)
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "linear"  # constant | linear | cosine
+    lr_decay_iters: Optional[int] = None
+    lr_warmup_iters: int = 0
+    lr_warmup_fraction: Optional[float] = None
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+
+
+@dataclass
+class DataConfig:
+    data_path: Optional[List[str]] = None
+    split: str = "969,30,1"
+    data_cache_path: Optional[str] = None
+    tokenizer_type: str = "GPT2BPETokenizer"
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    num_workers: int = 0
+    mock_data: bool = False
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None  # default micro * DP
+    train_iters: int = 100
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+    tensorboard_dir: Optional[str] = None
+    metrics_jsonl: Optional[str] = None
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return cls(model=ModelConfig(**d["model"]), parallel=ParallelConfig(**d["parallel"]),
+                   optim=OptimizerConfig(**d["optim"]), data=DataConfig(**d["data"]),
+                   train=TrainConfig(**d["train"]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron_lite.pretrain_gpt",
+                                description="Pretrain a GPT with tensor/pipeline/data parallelism.",
+                                allow_abbrev=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=4)
+    g.add_argument("--hidden-size", type=int, default=128)
+    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size when no tokenizer files are given (mock data, tests)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--attention-backend", choices=["auto", "unfused", "fused_softmax", "sdpa"], default="auto")
+    g.add_argument("--no-masked-softmax-fusion", dest="masked_softmax_fusion", action="store_false")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true", default=True)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b", "interleaved"], default=None)
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--ddp-bucket-size", type=int, default=None)
+
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer", choices=["adam"], default="adam")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--loss-scale", type=float, default=None)
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+
+    g = p.add_argument_group("data and tokenizer")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="PREFIX, or a weighted list: W1 PREFIX1 W2 PREFIX2 ...")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--tokenizer-type", default="GPT2BPETokenizer",
+                   choices=["GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer"])
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--mock-data", action="store_true", help="random tokens instead of --data-path")
+
+    g = p.add_argument_group("training, logging, checkpoints")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-jsonl", default=None, help="(megatron_lite) one JSON line per logged iteration")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="(megatron_lite) device peak TFLOP/s for MFU; measured when omitted")
+    return p
+
+
+def _take(cls, ns):
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+
+def from_namespace(ns: argparse.Namespace) -> Config:
+    return Config(model=_take(ModelConfig, ns), parallel=_take(ParallelConfig, ns),
+                  optim=_take(OptimizerConfig, ns), data=_take(DataConfig, ns), train=_take(TrainConfig, ns))
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Config:
+    return from_namespace(build_parser().parse_args(argv))
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's padding: up to a multiple of --make-vocab-size-divisible-by x TP."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def parse_data_path(data_path: Optional[List[str]]):
+    """'PREFIX' or 'W1 P1 W2 P2 ...' -> (weights or None, prefixes)."""
+    if not data_path:
+        return None, []
+    if len(data_path) == 1:
+        return None, list(data_path)
+    if len(data_path) % 2 != 0:
+        raise ConfigError(f"--data-path: a weighted list must alternate WEIGHT PREFIX, got {data_path}")
+    try:
+        weights = [float(w) for w in data_path[0::2]]
+    except ValueError:
+        raise ConfigError(f"--data-path: expected 'W1 PREFIX1 W2 PREFIX2 ...', got {data_path}") from None
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--data-path: weights must be >= 0 and not all zero, got {weights}")
+    return weights, list(data_path[1::2])
+
+
+def validate(cfg: Config, world_size: int = 1) -> Config:
+    """Check every flag combination; fill derived fields. Raises ConfigError."""
+    m, par, o, d, t = cfg.model, cfg.parallel, cfg.optim, cfg.data, cfg.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    for name, val in [("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
+                      ("--num-attention-heads", m.num_attention_heads), ("--seq-length", m.seq_length),
+                      ("--micro-batch-size", t.micro_batch_size), ("--train-iters", t.train_iters),
+                      ("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)]:
+        need(val >= 1, f"{name} must be >= 1, got {val}")
+    need(world_size % (tp * pp) == 0,
+         f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+         f"--pipeline-model-parallel-size ({pp}); launch a multiple of {tp * pp} processes")
+    dp = world_size // (tp * pp)
+    par.data_parallel_size = dp
+    need(m.hidden_size % m.num_attention_heads == 0,
+         f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads ({m.num_attention_heads})")
+    need(m.num_attention_heads % tp == 0,
+         f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
+         f"--tensor-model-parallel-size ({tp})")
+    need(m.ffn_hidden_size % tp == 0,
+         f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})")
+    need(m.seq_length <= m.max_position_embeddings,
+         f"--seq-length ({m.seq_length}) exceeds --max-position-embeddings ({m.max_position_embeddings}); "
+         "raise --max-position-embeddings or shorten --seq-length")
+    need(not (m.fp16 and m.bf16), "--fp16 and --bf16 are exclusive; choose one")
+    if m.sequence_parallel:
+        need(m.seq_length % tp == 0,
+             f"--sequence-parallel needs --seq-length ({m.seq_length}) divisible by "
+             f"--tensor-model-parallel-size ({tp})")
+        if tp == 1:
+            m.sequence_parallel = False  # Megatron-LM also drops it at TP=1: nothing to shard
+    if m.recompute_method is not None:
+        need(m.recompute_granularity == "full",
+             "--recompute-method needs --recompute-granularity full")
+    if m.recompute_granularity == "full":
+        need(m.recompute_method is not None,
+             "--recompute-granularity full needs --recompute-method uniform|block")
+        if m.recompute_num_layers is None:
+            m.recompute_num_layers = 1
+        need(m.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
+
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * dp
+    need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+         f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
+         f"({t.micro_batch_size}) x data-parallel size ({dp}) = {t.micro_batch_size * dp}")
+
+    # Pipeline layout.
+    first, last = par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers
+    if pp == 1:
+        need(par.num_layers_per_virtual_pipeline_stage is None,
+             "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        need(first is None and last is None,
+             "--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
+        need(par.pipeline_schedule in (None, "1f1b", "gpipe"),
+             "--pipeline-schedule interleaved needs --pipeline-model-parallel-size > 1")
+    else:
+        middle_layers = m.num_layers - (first or 0) - (last or 0)
+        middle_stages = pp - (first is not None) - (last is not None)
+        need(middle_layers >= 0 and (middle_stages == 0 and middle_layers == 0 or
+                                     middle_stages > 0 and middle_layers % middle_stages == 0),
+             f"--num-layers ({m.num_layers}) cannot be split evenly over --pipeline-model-parallel-size "
+             f"({pp}) stages" + (f" with --decoder-first-pipeline-num-layers {first}" if first else "")
+             + (f" and --decoder-last-pipeline-num-layers {last}" if last else ""))
+        vp = par.num_layers_per_virtual_pipeline_stage
+        if vp is not None:
+            need(first is None and last is None,
+                 "--num-layers-per-virtual-pipeline-stage cannot be combined with uneven "
+                 "--decoder-first/last-pipeline-num-layers")
+            need(vp >= 1 and (m.num_layers // pp) % vp == 0,
+                 f"--num-layers ({m.num_layers}) / --pipeline-model-parallel-size ({pp}) must be divisible by "
+                 f"--num-layers-per-virtual-pipeline-stage ({vp})")
+            need(par.pipeline_schedule in (None, "interleaved"),
+                 "--num-layers-per-virtual-pipeline-stage runs the interleaved schedule; "
+                 "drop --pipeline-schedule or set it to interleaved")
+            par.pipeline_schedule = "interleaved"
+            num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+            need(num_micro % pp == 0,
+                 f"the interleaved schedule needs the number of micro-batches ({num_micro} = "
+                 f"--global-batch-size / (--micro-batch-size x DP)) to be a multiple of "
+                 f"--pipeline-model-parallel-size ({pp})")
+        else:
+            need(par.pipeline_schedule != "interleaved",
+                 "--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage")
+    if par.pipeline_schedule is None:
+        par.pipeline_schedule = "1f1b"
+
+    # Optimizer and schedule.
+    need(o.lr_decay_iters is None or o.lr_decay_iters >= 1, "--lr-decay-iters must be >= 1")
+    need(o.lr_warmup_fraction is None or o.lr_warmup_iters == 0,
+         "--lr-warmup-fraction and --lr-warmup-iters are exclusive; give one")
+    need(o.min_lr <= o.lr, f"--min-lr ({o.min_lr}) must not exceed --lr ({o.lr})")
+
+    # Data and tokenizer files.
+    if not d.mock_data:
+        need(bool(d.data_path), "--data-path is required (or --mock-data for random tokens)")
+        _, prefixes = parse_data_path(d.data_path)
+        for prefix in prefixes:
+            for ext in (".bin", ".idx"):
+                need(os.path.isfile(prefix + ext),
+                     f"--data-path: {prefix}{ext} does not exist; preprocess the corpus with "
+                     "tools/preprocess_data.py or fix the prefix (no .bin/.idx suffix)")
+        try:
+            split = [float(s) for s in d.split.replace("/", ",").split(",")]
+        except ValueError:
+            raise ConfigError(f"--split must be like 969,30,1, got {d.split!r}") from None
+        need(len(split) <= 3 and all(s >= 0 for s in split) and sum(split) > 0,
+             f"--split must be up to three non-negative numbers like 969,30,1, got {d.split!r}")
+    if d.tokenizer_type == "GPT2BPETokenizer" and not (d.mock_data and m.vocab_size):
+        for flag, path in (("--vocab-file", d.vocab_file), ("--merge-file", d.merge_file)):
+            need(path is not None, f"{flag} is required with --tokenizer-type GPT2BPETokenizer")
+            need(os.path.isfile(path), f"{flag}: {path} does not exist or is not a file")
+    elif d.tokenizer_type == "HuggingFaceTokenizer":
+        need(d.tokenizer_model is not None,
+             "--tokenizer-model PATH (a tokenizer.json) is required with --tokenizer-type HuggingFaceTokenizer")
+        need(os.path.isfile(d.tokenizer_model), f"--tokenizer-model: {d.tokenizer_model} does not exist")
+    elif d.tokenizer_type == "NullTokenizer":
+        need(m.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
+
+    need(t.log_interval >= 1, "--log-interval must be >= 1")
+    need(t.eval_interval >= 1, "--eval-interval must be >= 1")
+    if t.save_interval is not None:
+        need(t.save is not None, "--save-interval needs --save DIR")
+    return cfg

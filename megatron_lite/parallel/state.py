@@ -1,0 +1,202 @@
+"""Process groups for tensor, pipeline and data parallelism, cut from one rank grid.
+
+Rank layout follows Megatron-LM: TP varies fastest, then DP, then PP:
+    rank = tp_rank + TP * (dp_rank + DP * pp_rank)
+so TP groups are runs of consecutive ranks (one node) and PP groups stride by TP * DP.
+
+Everything that talks to other ranks takes its group from a ``ParallelState``. One is
+current per process (set by ``initialize_parallel``); layers accept an explicit state and
+fall back to the current one.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot be built (e.g. world size != TP * PP * DP)."""
+
+
+@dataclass
+class ParallelState:
+    world_size: int = 1
+    rank: int = 0
+    tp_size: int = 1
+    pp_size: int = 1
+    dp_size: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    tp_group: Optional[object] = None
+    pp_group: Optional[object] = None
+    dp_group: Optional[object] = None
+    mp_group: Optional[object] = None  # TP x PP: ranks holding one full model replica
+    embedding_group: Optional[object] = None  # first and last stage of this pipeline
+    tp_ranks: List[int] = field(default_factory=lambda: [0])
+    pp_ranks: List[int] = field(default_factory=lambda: [0])
+    dp_ranks: List[int] = field(default_factory=lambda: [0])
+    embedding_ranks: List[int] = field(default_factory=lambda: [0])
+    # Interleaved pipelining: the model chunk currently running on this rank.
+    virtual_pp_size: Optional[int] = None
+    virtual_pp_rank: int = 0
+    backend: str = "gloo"
+
+    # ---- pipeline position -------------------------------------------------
+    def is_pipeline_first_stage(self, ignore_virtual: bool = False) -> bool:
+        if not ignore_virtual and self.virtual_pp_size is not None and self.virtual_pp_rank != 0:
+            return False
+        return self.pp_rank == 0
+
+    def is_pipeline_last_stage(self, ignore_virtual: bool = False) -> bool:
+        if (not ignore_virtual and self.virtual_pp_size is not None
+                and self.virtual_pp_rank != self.virtual_pp_size - 1):
+            return False
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def pp_next_rank(self) -> int:
+        return self.pp_ranks[(self.pp_rank + 1) % self.pp_size]
+
+    @property
+    def pp_prev_rank(self) -> int:
+        return self.pp_ranks[(self.pp_rank - 1) % self.pp_size]
+
+    @property
+    def tp_src_rank(self) -> int:
+        """Global rank of TP rank 0 in this TP group (the broadcaster of batches)."""
+        return self.tp_ranks[0]
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The rank that holds the loss: last stage, first TP and DP rank."""
+        return self.is_pipeline_last_stage(ignore_virtual=True) and self.tp_rank == 0 and self.dp_rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        if self.backend == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+_STATE: Optional[ParallelState] = None
+
+
+def rank_grid(world_size: int, tp: int, pp: int, dp: int) -> torch.Tensor:
+    """Global ranks as a [pp, dp, tp] grid (Megatron order: tp fastest, then dp, then pp)."""
+    if tp < 1 or pp < 1 or dp < 1:
+        raise ParallelConfigError(f"parallel sizes must be >= 1, got TP={tp} PP={pp} DP={dp}")
+    if tp * pp * dp != world_size:
+        raise ParallelConfigError(
+            f"world size {world_size} is not --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp}) x data-parallel size ({dp}) = {tp * pp * dp}; "
+            "launch TP x PP x DP processes or change the sizes"
+        )
+    return torch.arange(world_size).view(pp, dp, tp)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.0) -> str:
+    """Initialise torch.distributed from torchrun's environment, or as a 1-process group.
+
+    Plain ``python -m ...`` (no RANK/WORLD_SIZE) gets a single-rank group on a free local port,
+    so the same code path serves one process and many.
+    """
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if dist.is_initialized():
+        return dist.get_backend()
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ["RANK"] = "0"
+        os.environ["WORLD_SIZE"] = "1"
+        os.environ.setdefault("LOCAL_RANK", "0")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return backend
+
+
+def initialize_parallel(tensor: int = 1, pipeline: int = 1, data: Optional[int] = None,
+                        backend: Optional[str] = None, virtual_pipeline: Optional[int] = None,
+                        timeout_minutes: float = 10.0) -> ParallelState:
+    """Build every process group from one rank grid and make the result the current state.
+
+    ``data=None`` takes DP = world // (TP * PP). Every rank must call this with the same sizes:
+    ``dist.new_group`` is collective over the whole world.
+    """
+    global _STATE
+    backend = init_distributed(backend, timeout_minutes)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if data is None:
+        if world % (tensor * pipeline) != 0:
+            raise ParallelConfigError(
+                f"world size {world} is not divisible by --tensor-model-parallel-size ({tensor}) x "
+                f"--pipeline-model-parallel-size ({pipeline})")
+        data = world // (tensor * pipeline)
+    grid = rank_grid(world, tensor, pipeline, data)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+
+    def groups_along(ranks_lists):
+        mine = None
+        for ranks in ranks_lists:
+            g = dist.new_group(ranks, backend=backend, timeout=timeout)
+            if rank in ranks:
+                mine = (g, ranks)
+        return mine
+
+    tp_lists = [grid[p, d, :].tolist() for p in range(pipeline) for d in range(data)]
+    dp_lists = [grid[p, :, t].tolist() for p in range(pipeline) for t in range(tensor)]
+    pp_lists = [grid[:, d, t].tolist() for d in range(data) for t in range(tensor)]
+    mp_lists = [grid[:, d, :].flatten().tolist() for d in range(data)]
+    emb_lists = [sorted({pl[0], pl[-1]}) for pl in pp_lists]
+
+    tp_group, tp_ranks = groups_along(tp_lists)
+    dp_group, dp_ranks = groups_along(dp_lists)
+    pp_group, pp_ranks = groups_along(pp_lists)
+    mp_group, _ = groups_along(mp_lists)
+    emb = groups_along(emb_lists)
+    emb_group, emb_ranks = emb if emb is not None else (None, [])
+
+    pp_rank, dp_rank, tp_rank = [int(x) for x in (grid == rank).nonzero()[0]]
+    _STATE = ParallelState(
+        world_size=world, rank=rank, tp_size=tensor, pp_size=pipeline, dp_size=data,
+        tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
+        tp_group=tp_group, pp_group=pp_group, dp_group=dp_group, mp_group=mp_group,
+        embedding_group=emb_group, tp_ranks=tp_ranks, pp_ranks=pp_ranks, dp_ranks=dp_ranks,
+        embedding_ranks=emb_ranks, virtual_pp_size=virtual_pipeline, backend=backend,
+    )
+    return _STATE
+
+
+def get_parallel_state() -> ParallelState:
+    """The current state; a trivial single-rank one when nothing was initialised."""
+    global _STATE
+    if _STATE is None:
+        _STATE = ParallelState()
+    return _STATE
+
+
+def set_parallel_state(state: Optional[ParallelState]) -> None:
+    global _STATE
+    _STATE = state
+
+
+def destroy_parallel() -> None:
+    """Forget the groups and tear down torch.distributed (tests call this between layouts)."""
+    global _STATE
+    _STATE = None
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
