@@ -134,6 +134,7 @@ class TrainConfig:
     tensorboard_dir: Optional[str] = None
     metrics_jsonl: Optional[str] = None
     peak_tflops: Optional[float] = None
+    dry_run: bool = False
 
 
 @dataclass
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-jsonl", default=None, help="(megatron_lite) one JSON line per logged iteration")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="(megatron_lite) device peak TFLOP/s for MFU; measured when omitted")
+    g.add_argument("--dry-run", action="store_true",
+                   help="(megatron_lite) validate the flags against WORLD_SIZE, print the config, exit")
     return p
 
 

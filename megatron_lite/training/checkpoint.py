@@ -1,0 +1,170 @@
+"""Checkpoints in Megatron-LM's directory layout, written atomically.
+
+    <dir>/iter_{iteration:07d}/mp_rank_{tp:02d}/model_optim_rng.pt          (PP = 1)
+    <dir>/iter_{iteration:07d}/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt  (PP > 1)
+    <dir>/latest_checkpointed_iteration.txt
+
+Each file holds the model shard(s), optimizer and scheduler state, RNG states, the
+iteration and consumed-sample count, and the run's config as plain data, so it loads
+with ``torch.load(weights_only=True)``. Files are written under a temporary name and
+renamed; the ``latest`` file is replaced last, so a crash mid-save leaves the previous
+checkpoint as the one that loads.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_lite.parallel.random import get_rng_tracker
+from megatron_lite.parallel.state import ParallelState, get_parallel_state
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or of another layout."""
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def checkpoint_file(root: str, iteration: int, tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return os.path.join(checkpoint_dir(root, iteration), name, "model_optim_rng.pt")
+
+
+def read_latest_iteration(root: str) -> Optional[int]:
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    # numpy's and Python's states become plain lists so weights_only loading accepts them.
+    np_state = np.random.get_state()
+    state = {
+        "random_rng_state": list(random.getstate()[1]),
+        "random_rng_pos": random.getstate()[2],
+        "np_rng_state": torch.from_numpy(np_state[1].astype(np.int64)),
+        "np_rng_pos": int(np_state[2]),
+        "torch_rng_state": torch.get_rng_state(),
+        "tracker_states": get_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["random_rng_state"]), state["random_rng_pos"]))
+    np.random.set_state(("MT19937", state["np_rng_state"].numpy().astype(np.uint32), state["np_rng_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch_rng_state"])
+    if "cuda_rng_state" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    get_rng_tracker().set_states(state["tracker_states"])
+
+
+def save_checkpoint(root: str, iteration: int, model_chunks: List[torch.nn.Module], optimizer=None,
+                    lr_scheduler=None, consumed_samples: int = 0, config_dict: Optional[dict] = None,
+                    pstate: Optional[ParallelState] = None) -> str:
+    """Every rank of DP rank 0 writes its shard; rank 0 replaces the tracker file last."""
+    ps = pstate or get_parallel_state()
+    path = checkpoint_file(root, iteration, ps.tp_rank, ps.pp_rank, ps.pp_size)
+    if ps.dp_rank == 0:
+        state = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "consumed_train_samples": consumed_samples,
+            "layout": {"tensor_model_parallel_size": ps.tp_size, "pipeline_model_parallel_size": ps.pp_size,
+                       "virtual_pipeline_model_parallel_size": len(model_chunks)},
+            "args": config_dict or {},
+            "rng_state": _rng_state(),
+        }
+        if len(model_chunks) == 1:
+            state["model"] = model_chunks[0].state_dict()
+        else:
+            for i, chunk in enumerate(model_chunks):
+                state[f"model{i}"] = chunk.state_dict()
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+        if lr_scheduler is not None:
+            state["opt_param_scheduler"] = lr_scheduler.state_dict()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+    if ps.rank == 0:
+        _atomic_write_text(os.path.join(root, TRACKER_FILE), str(iteration))
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=None, lr_scheduler=None,
+                    pstate: Optional[ParallelState] = None, iteration: Optional[int] = None,
+                    load_optim: bool = True, load_rng: bool = True) -> dict:
+    """Load this rank's shard. Returns {'iteration', 'consumed_train_samples', 'args'}."""
+    ps = pstate or get_parallel_state()
+    if iteration is None:
+        iteration = read_latest_iteration(root)
+        if iteration is None:
+            raise CheckpointError(f"--load {root}: no {TRACKER_FILE} found; is this a checkpoint directory?")
+    path = checkpoint_file(root, iteration, ps.tp_rank, ps.pp_rank, ps.pp_size)
+    if not os.path.isfile(path):
+        present = sorted(os.listdir(checkpoint_dir(root, iteration))) if os.path.isdir(
+            checkpoint_dir(root, iteration)) else []
+        raise CheckpointError(
+            f"--load {root}: iteration {iteration} has no shard {os.path.relpath(path, root)} "
+            f"(found {present or 'nothing'}); the checkpoint was probably saved with another "
+            f"--tensor-model-parallel-size / --pipeline-model-parallel-size")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
+    layout = state.get("layout", {})
+    want = {"tensor_model_parallel_size": ps.tp_size, "pipeline_model_parallel_size": ps.pp_size,
+            "virtual_pipeline_model_parallel_size": len(model_chunks)}
+    if layout and layout != want:
+        raise CheckpointError(
+            f"{path}: saved with layout TP={layout.get('tensor_model_parallel_size')} "
+            f"PP={layout.get('pipeline_model_parallel_size')} "
+            f"VP={layout.get('virtual_pipeline_model_parallel_size')}, this run has TP={ps.tp_size} "
+            f"PP={ps.pp_size} VP={len(model_chunks)}; run with the saved layout")
+    if len(model_chunks) == 1:
+        model_chunks[0].load_state_dict(state["model"])
+    else:
+        for i, chunk in enumerate(model_chunks):
+            chunk.load_state_dict(state[f"model{i}"])
+    if load_optim and optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if load_optim and lr_scheduler is not None and "opt_param_scheduler" in state:
+        lr_scheduler.load_state_dict(state["opt_param_scheduler"])
+    if load_rng and "rng_state" in state:
+        _set_rng_state(state["rng_state"])
+    return {"iteration": state["iteration"], "consumed_train_samples": state.get("consumed_train_samples", 0),
+            "args": state.get("args", {})}
