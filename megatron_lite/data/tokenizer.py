@@ -1,0 +1,400 @@
+"""Tokenizers with Megatron-LM's semantics: GPT-2 byte-level BPE, HuggingFace tokenizer.json, Null.
+
+Every tokenizer exposes the same small interface: ``vocab_size`` (unpadded), ``eod`` (end-of-document
+id), ``tokenize(text)``, ``tokenize_batch(texts)``, ``detokenize(ids)``, ``vocab`` and ``inv_vocab``.
+
+GPT2BPETokenizer has two interchangeable paths over the same vocab.json/merges.txt:
+- ``fast=False``: byte-level BPE in pure Python, the algorithm of OpenAI's GPT-2 ``encoder.py`` and
+  Megatron-LM's ``gpt2_tokenization.py`` (same pre-tokenizer regex, merge ranks, unknown-free output).
+- ``fast=True`` (default): the merges run in the ``tokenizers`` library (Rust), once per distinct
+  pre-token, and the ids of each pre-token are cached. The pre-tokenizer split is still done by the same
+  ``regex`` pattern in Python, because the Rust library's regex engine has an older Unicode table and
+  splits differently around ~17k code points assigned in recent Unicode versions; sharing the split
+  makes the two paths give identical ids by construction.
+As in Megatron-LM, ``<|endoftext|>`` appearing in raw text is plain text (it splits into ``<|``,
+``endoftext``, ``|>``); only the ``eod`` id appended by the data pipeline marks a document end.
+"""
+import json
+import os
+from functools import lru_cache
+from itertools import chain
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import regex
+
+EOD_TOKEN = "<|endoftext|>"
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+# Conventional end-of-sequence spellings, tried (after <|endoftext|> and tokenizer_config.json) to find eod.
+_EOS_CANDIDATES = ("</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
+_BPE_CACHE_LIMIT = 1 << 20  # words; cleared when full so a huge corpus cannot grow it without bound
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing, unreadable or malformed; the message names the file and the fix."""
+
+
+@lru_cache(maxsize=None)
+def bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's reversible byte -> printable character table.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes (controls, space, NBSP, soft hyphen)
+    map to U+0100 onwards, so a BPE symbol never contains whitespace and every byte has a symbol.
+    """
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+@lru_cache(maxsize=None)
+def _byte_decoder() -> Dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _is_key(table: dict, key) -> bool:
+    try:
+        return key in table
+    except TypeError:  # unhashable
+        return False
+
+
+def _ids_from_any(ids) -> List[int]:
+    # Accept lists, tuples, numpy arrays and torch tensors; tensors hash by identity, so convert.
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+
+
+def load_gpt2_vocab(vocab_file: str) -> Dict[str, int]:
+    """Read a GPT-2 vocab.json (token -> id) and check it is a well-formed id mapping."""
+    fix = "pass a GPT-2 format vocab.json (e.g. written by tools/train_tokenizer.py) to --vocab-file"
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except FileNotFoundError:
+        raise TokenizerError(f"vocab file {vocab_file} does not exist; {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"vocab file {vocab_file} cannot be read ({e}); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"vocab file {vocab_file} is not valid JSON (line {e.lineno}: {e.msg}); "
+                             f"{fix}") from None
+    if not isinstance(vocab, dict) or not vocab:
+        raise TokenizerError(f"vocab file {vocab_file} must hold a non-empty JSON object token -> id; {fix}")
+    seen: Dict[int, str] = {}
+    for token, idx in vocab.items():
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+            raise TokenizerError(f"vocab file {vocab_file}: token {token!r} has id {idx!r}, "
+                                 f"expected a non-negative integer; {fix}")
+        if idx in seen:
+            raise TokenizerError(f"vocab file {vocab_file}: tokens {seen[idx]!r} and {token!r} "
+                                 f"share id {idx}; {fix}")
+        seen[idx] = token
+    return vocab
+
+
+def load_gpt2_merges(merge_file: str) -> List[Tuple[str, str]]:
+    """Read a GPT-2 merges.txt: an optional '#version' header, then one 'left right' pair per line.
+
+    Megatron-LM drops the first and the last line unconditionally; here only a '#version' header and
+    blank lines are skipped, which is the same for every file written by GPT-2 or `tokenizers`.
+    """
+    fix = "pass a GPT-2 format merges.txt (e.g. written by tools/train_tokenizer.py) to --merge-file"
+    try:
+        with open(merge_file, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        raise TokenizerError(f"merge file {merge_file} does not exist; {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"merge file {merge_file} cannot be read ({e}); {fix}") from None
+    merges = []
+    for lineno, line in enumerate(lines, start=1):
+        if (lineno == 1 and line.startswith("#version")) or not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise TokenizerError(f"{merge_file}:{lineno}: expected two space-separated symbols, "
+                                 f"got {line!r}; {fix}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _check_gpt2_files(vocab: Dict[str, int], merges: Sequence[Tuple[str, str]],
+                      vocab_file: str, merge_file: str) -> None:
+    # Megatron maps unknown symbols to id 0 silently and `tokenizers` refuses them; rejecting such files
+    # up front keeps both paths identical and turns a silent corruption into a message.
+    missing = [c for c in bytes_to_unicode().values() if c not in vocab]
+    if missing:
+        raise TokenizerError(f"vocab file {vocab_file} lacks {len(missing)} of the 256 byte symbols "
+                             f"(e.g. {missing[0]!r}); it is not a byte-level BPE vocabulary")
+    for lineno, (left, right) in enumerate(merges, start=1):
+        for sym in (left, right, left + right):
+            if sym not in vocab:
+                raise TokenizerError(f"merge {lineno} ({left} {right}) of {merge_file} uses {sym!r}, which is "
+                                     f"not in {vocab_file}; the two files do not belong together")
+    if EOD_TOKEN not in vocab:
+        raise TokenizerError(f"vocab file {vocab_file} has no {EOD_TOKEN} token, needed as end-of-document id")
+
+
+class GPT2BPETokenizer:
+    """GPT-2 byte-level BPE from vocab.json + merges.txt; ids identical to Megatron-LM's GPT2BPETokenizer."""
+
+    def __init__(self, vocab_file: str, merge_file: str, fast: bool = True):
+        self.vocab_file, self.merge_file, self.fast = vocab_file, merge_file, bool(fast)
+        self.vocab = load_gpt2_vocab(vocab_file)
+        merges = load_gpt2_merges(merge_file)
+        _check_gpt2_files(self.vocab, merges, vocab_file, merge_file)
+        self.inv_vocab = {i: t for t, i in self.vocab.items()}
+        self.vocab_size = max(self.inv_vocab) + 1  # == len(vocab) for the usual gap-free files
+        self.eod = self.vocab[EOD_TOKEN]
+        self.pattern = regex.compile(GPT2_SPLIT_PATTERN)
+        self.byte_encoder = bytes_to_unicode()
+        self._id_bytes = {i: self._token_bytes(t) for t, i in self.vocab.items()}
+        # A later duplicate of a pair overrides the earlier rank, as dict(zip(...)) does in Megatron-LM.
+        self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self._cache: Dict[str, Tuple[str, ...]] = {}  # BPE symbols -> merged symbols (pure path)
+        self._piece_ids: Dict[str, List[int]] = {}  # raw pre-token -> ids (fast path)
+        self._fast = self._build_fast(merges) if self.fast else None
+
+    def _token_bytes(self, token: str) -> bytes:
+        decoder = _byte_decoder()
+        if all(c in decoder for c in token):
+            return bytes(decoder[c] for c in token)
+        return token.encode("utf-8")  # not a byte-level symbol string (a hand-added token): keep its text
+
+    def _build_fast(self, merges):
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        tok = Tokenizer(models.BPE(vocab=self.vocab, merges=list(merges)))
+        # Pre-tokens arrive split by our regex (see module docstring): ByteLevel only maps bytes here.
+        # No decoder: detokenize() is one Python byte-table lookup shared by both paths.
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        return tok
+
+    def __reduce__(self):
+        # Rebuilt from the files in the receiving process: a few ms, and no Rust object to serialize.
+        return (type(self), (os.path.abspath(self.vocab_file), os.path.abspath(self.merge_file), self.fast))
+
+    # -- pure-Python BPE ------------------------------------------------------------------------
+    def bpe(self, word: str) -> Tuple[str, ...]:
+        """Merge the byte symbols of one pre-token, lowest-ranked adjacent pair first (GPT-2's loop)."""
+        cached = self._cache.get(word)
+        if cached is not None:
+            return cached
+        symbols = tuple(word)
+        ranks = self.bpe_ranks
+        while len(symbols) > 1:
+            best, best_rank = None, None
+            for pair in zip(symbols, symbols[1:]):
+                r = ranks.get(pair)
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = pair, r
+            if best is None:
+                break
+            first, second = best
+            merged, i, n = [], 0, len(symbols)
+            while i < n:  # replace every non-overlapping occurrence, left to right
+                if i < n - 1 and symbols[i] == first and symbols[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = tuple(merged)
+        if len(self._cache) >= _BPE_CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[word] = symbols
+        return symbols
+
+    def _symbols(self, piece: str) -> str:
+        """A pre-token's UTF-8 bytes as BPE symbols (latin-1 turns each byte into one char to translate)."""
+        return piece.encode("utf-8").decode("latin-1").translate(self.byte_encoder)
+
+    def _tokenize_pure(self, text: str) -> List[int]:
+        vocab, ids = self.vocab, []
+        for piece in self.pattern.findall(text):
+            ids.extend(vocab[sym] for sym in self.bpe(self._symbols(piece)))
+        return ids
+
+    # -- tokenizers-backed path -----------------------------------------------------------------
+    def _ids_of_pieces(self, pieces: Iterable[str]) -> Dict[str, List[int]]:
+        """Ids of every distinct pre-token, merging the ones not seen before in one Rust batch.
+
+        Natural text repeats a few thousand pre-tokens over and over: looking them up in a dict beats
+        sending every occurrence through `tokenizers`, whose per-token Encoding bookkeeping dominates.
+        """
+        cache = self._piece_ids
+        missing = [p for p in set(pieces) if p not in cache]
+        if missing:
+            if len(cache) + len(missing) > _BPE_CACHE_LIMIT:
+                cache.clear()
+            encodings = self._fast.encode_batch([[p] for p in missing], is_pretokenized=True)
+            for piece, enc in zip(missing, encodings):
+                cache[piece] = enc.ids
+        return cache
+
+    # -- public interface ---------------------------------------------------------------------
+    def tokenize(self, text: str) -> List[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize expects str, got {type(text).__name__}")
+        if self._fast is None:
+            return self._tokenize_pure(text)
+        pieces = self.pattern.findall(text)
+        return list(chain.from_iterable(map(self._ids_of_pieces(pieces).__getitem__, pieces)))
+
+    def tokenize_batch(self, texts: Iterable[str]) -> List[List[int]]:
+        texts = list(texts)
+        if self._fast is None:
+            return [self.tokenize(t) for t in texts]
+        split = [self.pattern.findall(t) for t in texts]
+        ids = self._ids_of_pieces(chain.from_iterable(split)).__getitem__
+        return [list(chain.from_iterable(map(ids, pieces))) for pieces in split]
+
+    def detokenize(self, ids) -> str:
+        """Bytes of the tokens, decoded as UTF-8 with 'replace' (Megatron-LM's errors='replace')."""
+        table = self._id_bytes
+        try:
+            data = b"".join([table[i] for i in _ids_from_any(ids)])
+        except (KeyError, TypeError):
+            bad = next(i for i in _ids_from_any(ids) if not _is_key(table, i))
+            raise ValueError(f"token id {bad!r} is not in the vocabulary of {self.vocab_file}") from None
+        return data.decode("utf-8", errors="replace")
+
+
+class HuggingFaceTokenizer:
+    """A `tokenizers` tokenizer.json (--tokenizer-type HuggingFaceTokenizer --tokenizer-model PATH).
+
+    Special tokens written in raw text are recognised as in HuggingFace (so `<|endoftext|>` in text
+    becomes the special id here, unlike GPT2BPETokenizer); no special tokens are added around a text:
+    the data pipeline appends `eod` itself.
+    """
+
+    def __init__(self, tokenizer_model: str):
+        from tokenizers import Tokenizer
+        self.tokenizer_model = tokenizer_model
+        fix = "pass a HuggingFace tokenizer.json to --tokenizer-model"
+        if not os.path.isfile(tokenizer_model):
+            raise TokenizerError(f"tokenizer file {tokenizer_model} does not exist; {fix}")
+        try:
+            self._tok = Tokenizer.from_file(tokenizer_model)
+        except Exception as e:  # the Rust loader raises plain Exception with serde's message
+            raise TokenizerError(f"tokenizer file {tokenizer_model} cannot be loaded ({e}); {fix}") from None
+        self.vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.inv_vocab = {i: t for t, i in self.vocab.items()}
+        self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(self.inv_vocab) + 1)
+        self.eod = self._find_eod()
+
+    def _find_eod(self) -> int:
+        if EOD_TOKEN in self.vocab:
+            return self.vocab[EOD_TOKEN]
+        eos = self._configured_eos()
+        if eos is not None and eos in self.vocab:
+            return self.vocab[eos]
+        specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        for name in _EOS_CANDIDATES:
+            if name in specials:
+                return self.vocab[name]
+        raise TokenizerError(
+            f"tokenizer file {self.tokenizer_model} has no {EOD_TOKEN} token and no end-of-sequence token "
+            f"(looked for eos_token in a tokenizer_config.json beside it and for special tokens "
+            f"{', '.join(_EOS_CANDIDATES)}); add an end-of-document special token to the tokenizer")
+
+    def _configured_eos(self) -> Optional[str]:
+        # tokenizer.json has no notion of eos; HuggingFace keeps it in tokenizer_config.json beside it.
+        path = os.path.join(os.path.dirname(os.path.abspath(self.tokenizer_model)), "tokenizer_config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                eos = json.load(f).get("eos_token")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return eos.get("content") if isinstance(eos, dict) else eos if isinstance(eos, str) else None
+
+    def __reduce__(self):
+        return (type(self), (os.path.abspath(self.tokenizer_model),))
+
+    def tokenize(self, text: str) -> List[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize expects str, got {type(text).__name__}")
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: Iterable[str]) -> List[List[int]]:
+        texts = list(texts)
+        if not texts:
+            return []
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def detokenize(self, ids) -> str:
+        return self._tok.decode(_ids_from_any(ids), skip_special_tokens=False)
+
+
+class NullTokenizer:
+    """Ids written as whitespace-separated integers, for mock data and tests; eod is the last id.
+
+    Megatron-LM's _NullTokenizer(n) has vocab_size n + 1 and eod n; here the argument is the whole
+    vocabulary (vocab_size == n, eod == n - 1), so `--vocab-size N` means N embeddings before padding.
+    """
+
+    def __init__(self, vocab_size: int):
+        if int(vocab_size) < 1:
+            raise TokenizerError(f"NullTokenizer needs --vocab-size >= 1, got {vocab_size}")
+        self.vocab_size = int(vocab_size)
+        self.eod = self.vocab_size - 1
+
+    def __reduce__(self):
+        return (type(self), (self.vocab_size,))
+
+    @property
+    def vocab(self) -> Dict[str, int]:
+        return {str(i): i for i in range(self.vocab_size)}
+
+    @property
+    def inv_vocab(self) -> Dict[int, str]:
+        return {i: str(i) for i in range(self.vocab_size)}
+
+    def tokenize(self, text: str) -> List[int]:
+        try:
+            ids = [int(x) for x in text.split()]
+        except ValueError:
+            raise ValueError(f"NullTokenizer reads whitespace-separated integers, got {text[:60]!r}") from None
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"NullTokenizer: id {i} is outside [0, {self.vocab_size})")
+        return ids
+
+    def tokenize_batch(self, texts: Iterable[str]) -> List[List[int]]:
+        return [self.tokenize(t) for t in texts]
+
+    def detokenize(self, ids) -> str:
+        return " ".join(str(int(i)) for i in _ids_from_any(ids))
+
+
+def build_tokenizer(tokenizer_type: str, vocab_file: Optional[str] = None, merge_file: Optional[str] = None,
+                    tokenizer_model: Optional[str] = None, vocab_size: Optional[int] = None, fast: bool = True):
+    """Build the tokenizer named by --tokenizer-type from the flags it needs."""
+    if tokenizer_type == "GPT2BPETokenizer":
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if path is None:
+                raise TokenizerError(f"{flag} is required with --tokenizer-type GPT2BPETokenizer")
+        return GPT2BPETokenizer(vocab_file, merge_file, fast=fast)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        if tokenizer_model is None:
+            raise TokenizerError("--tokenizer-model PATH (a tokenizer.json) is required with "
+                                 "--tokenizer-type HuggingFaceTokenizer")
+        return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type == "NullTokenizer":
+        if vocab_size is None:
+            raise TokenizerError("--tokenizer-type NullTokenizer needs --vocab-size")
+        return NullTokenizer(vocab_size)
+    raise TokenizerError(f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
+
+
+def build_tokenizer_from_config(data_cfg, vocab_size: Optional[int] = None, fast: bool = True):
+    """Build from a DataConfig-like object (tokenizer_type, vocab_file, merge_file, tokenizer_model)."""
+    return build_tokenizer(getattr(data_cfg, "tokenizer_type", "GPT2BPETokenizer"),
+                           vocab_file=getattr(data_cfg, "vocab_file", None),
+                           merge_file=getattr(data_cfg, "merge_file", None),
+                           tokenizer_model=getattr(data_cfg, "tokenizer_model", None),
+                           vocab_size=vocab_size, fast=fast)
