@@ -1,9 +1,20 @@
 """softmax(scale * x + mask) over the last dimension: the single dispatch point for attention softmax.
 
-The torch path below is the reference semantics. (The Triton kernel plugs in here.)
+Two paths with identical semantics:
+  - ``scale_mask_softmax_reference``: plain torch, any device and dtype;
+  - ``fused_scale_mask_softmax``: the Triton kernel (``triton_softmax``), forward and backward,
+    as one autograd op. It reads scores once and writes probabilities once, instead of the
+    reference's separate scale, masked_fill, softmax and cast passes.
+``FusedScaleMaskSoftmax`` picks between them with Megatron-LM's rules: whether the kernel can run
+at all (fusion enabled, CUDA present, triton importable) is decided once, at construction; each
+call then checks only the tensor (CUDA, dtype, shape). triton is imported lazily, so this module
+imports and works where triton is absent.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from typing import Optional
 
 import torch
@@ -38,11 +49,90 @@ def scale_mask_softmax_reference(x: torch.Tensor, mask: Optional[torch.Tensor], 
     return y.to(orig)
 
 
+MAX_FUSED_SEQ = 16384  # longest key dimension the kernel path takes (Megatron's limit)
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    """True when triton can be imported (checked once per process)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install must mean "no kernel", not a crash at model build
+        return False
+    return True
+
+
+def kernel_available() -> bool:
+    """Whether the Triton path can run on this machine: CUDA present and triton importable."""
+    return torch.cuda.is_available() and triton_importable()
+
+
+def kernel_fits(shape, dtype: torch.dtype, mask_shape=None, mask_dtype=None) -> bool:
+    """Shape and dtype rules of the kernel path (device aside): [b, np, sq, sk] with 1 < sq and
+    sk <= MAX_FUSED_SEQ, fp16/bf16/fp32, and a bool mask broadcastable as [b|1, np|1, sq|1, sk|1]."""
+    if len(shape) != 4 or dtype not in FUSED_DTYPES:
+        return False
+    sq, sk = shape[-2:]
+    # sq == 1 is incremental decoding: one short row per head, nothing worth a kernel launch.
+    if sq <= 1 or sk < 1 or sk > MAX_FUSED_SEQ:
+        return False
+    if mask_shape is not None:
+        if mask_dtype != torch.bool or len(mask_shape) > 4:
+            return False
+        mask_shape = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
+        if any(m not in (1, s) for m, s in zip(mask_shape, shape)):
+            return False
+    return True
+
+
+class _FusedScaleMaskSoftmaxFn(torch.autograd.Function):
+    """Triton forward and backward; saves only the output y (backward needs nothing else)."""
+
+    @staticmethod
+    def forward(ctx, x, mask, scale, causal, max_block):
+        from megatron_lite.kernels import triton_softmax
+        y = triton_softmax.softmax_forward(x, mask, scale, causal, max_block)
+        ctx.save_for_backward(y)
+        ctx.scale, ctx.causal, ctx.max_block = scale, causal, max_block
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from megatron_lite.kernels import triton_softmax
+        (y,) = ctx.saved_tensors
+        dx = triton_softmax.softmax_backward(dy, y, ctx.scale, ctx.causal, ctx.max_block)
+        return dx, None, None, None, None
+
+
+def fused_scale_mask_softmax(x: torch.Tensor, mask: Optional[torch.Tensor], scale: float, causal: bool,
+                             max_block: Optional[int] = None) -> torch.Tensor:
+    """The Triton path, taken unconditionally (no dispatch rules): x [b, np, sq, sk] fp16/bf16/fp32,
+    mask bool broadcastable to x (True = masked) or None. Returns x's dtype, differentiable in x.
+
+    CPU tensors need TRITON_INTERPRET=1 in the environment before triton is first imported
+    (the tests do this). ``max_block`` caps the columns held per row (a power of two); rows longer
+    than it take the multi-block loop, which tests force with a small value.
+    """
+    if not triton_importable():
+        raise RuntimeError("fused_scale_mask_softmax needs triton; install it or use "
+                           "scale_mask_softmax_reference")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("the Triton softmax kernel needs a CUDA tensor; on CPU set TRITON_INTERPRET=1 "
+                           "before importing triton, or use scale_mask_softmax_reference")
+    if mask is not None and mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but scores are on {x.device}")
+    return _FusedScaleMaskSoftmaxFn.apply(x, mask, float(scale), bool(causal), max_block)
+
+
 class FusedScaleMaskSoftmax(nn.Module):
     """Megatron-LM's FusedScaleMaskSoftmax: probs = softmax(scale * scores + mask).
 
     causal: apply the upper-triangular mask (then ``mask`` may be None).
     masked_softmax_fusion: allow the fused kernel when the device and shapes fit.
+    softmax_in_fp32: for the torch path, compute in fp32 (the kernel always does).
     """
 
     def __init__(self, causal: bool, scale: Optional[float] = None, masked_softmax_fusion: bool = True,
@@ -52,6 +142,21 @@ class FusedScaleMaskSoftmax(nn.Module):
         self.scale = 1.0 if scale is None else float(scale)
         self.masked_softmax_fusion = masked_softmax_fusion
         self.softmax_in_fp32 = softmax_in_fp32
+        # Decided once: the per-call check below looks only at the tensor.
+        self.kernel_available = bool(masked_softmax_fusion) and kernel_available()
+
+    def uses_kernel(self, scores: torch.Tensor, mask: Optional[torch.Tensor] = None) -> bool:
+        """Whether forward(scores, mask) takes the Triton path."""
+        return (self.kernel_available and scores.is_cuda and (mask is None or mask.device == scores.device)
+                and kernel_fits(tuple(scores.shape), scores.dtype,
+                                None if mask is None else tuple(mask.shape),
+                                None if mask is None else mask.dtype))
 
     def forward(self, scores: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.uses_kernel(scores, mask):
+            return fused_scale_mask_softmax(scores, mask, self.scale, self.causal)
         return scale_mask_softmax_reference(scores, mask, self.scale, self.causal, self.softmax_in_fp32)
+
+    def extra_repr(self) -> str:
+        return (f"causal={self.causal}, scale={self.scale}, masked_softmax_fusion={self.masked_softmax_fusion}, "
+                f"kernel_available={self.kernel_available}")
