@@ -1,0 +1,336 @@
+"""Tokenize a JSONL corpus into Megatron .bin/.idx shards (Megatron-LM's tools/preprocess_data.py).
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/my \\
+        --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt \\
+        --append-eod --workers 4
+
+writes data/my_text_document.{bin,idx} (one pair per --json-keys key). Documents keep the input
+order for any --workers. Bad lines are reported as FILE:LINE and skipped (--strict: exit 1).
+Outputs are written under temporary names and renamed only when complete.
+"""
+
+import argparse
+import gzip
+import itertools
+import json
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from multiprocessing import Pool
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_lite.data.indexed_dataset import (IndexedDatasetBuilder, best_dtype,  # noqa: E402
+                                                data_file_path, index_file_path)
+
+BATCH_BYTES = 256 * 1024  # lines per task are grouped up to this many bytes: big enough to amortize IPC
+BATCH_LINES = 1024
+MAX_SHOWN_BAD_LINES = 100
+
+
+class CliError(Exception):
+    """A problem with the command line or the input files: printed as one line, exit 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", required=True, help="JSONL file (optionally gzip-compressed, .jsonl.gz)")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="keys to extract from each JSON object; one output pair per key")
+    g.add_argument("--strict", action="store_true", help="stop with exit code 1 at the first bad line")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True,
+                   choices=["GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer"])
+    g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
+    g.add_argument("--tokenizer-model", default=None, help="HuggingFace tokenizer.json")
+    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (NullTokenizer)")
+    g.add_argument("--append-eod", action="store_true", help="append the end-of-document token")
+    g.add_argument("--tokenizer-impl", choices=["fast", "python"], default="fast",
+                   help="project flag: 'fast' (BPE merges in the Rust tokenizers library) or 'python' "
+                        "(pure-Python BPE); "
+                        "GPT2BPETokenizer only, the other types have a single implementation")
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True, help="writes PREFIX_KEY_document.bin/.idx")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    g.add_argument("--log-interval", type=int, default=1000, help="report progress every N documents")
+    return p
+
+
+def _tokenizer_kwargs(args) -> dict:
+    return dict(tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
+                tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
+                fast=args.tokenizer_impl == "fast")
+
+
+def _check_readable(flag: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise CliError(f"{flag} {path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise CliError(f"{flag} {path}: file is not readable (check its permissions)")
+
+
+def check_args(args) -> None:
+    if args.workers < 1:
+        raise CliError(f"--workers {args.workers}: must be at least 1")
+    if args.log_interval < 1:
+        raise CliError(f"--log-interval {args.log_interval}: must be at least 1")
+    _check_readable("--input", args.input)
+    for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file),
+                       ("--tokenizer-model", args.tokenizer_model)):
+        if path is not None:
+            _check_readable(flag, path)
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    if not os.path.isdir(out_dir):
+        raise CliError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not exist "
+                       f"(create it first)")
+    if not os.access(out_dir, os.W_OK):
+        raise CliError(f"--output-prefix {args.output_prefix}: directory {out_dir} is not writable")
+    if len(set(args.json_keys)) != len(args.json_keys):
+        raise CliError(f"--json-keys {' '.join(args.json_keys)}: a key is repeated")
+
+
+def load_tokenizer(args):
+    # Imported here so that `--help` and argument errors do not pay for the tokenizer import.
+    from megatron_lite.data.tokenizer import TokenizerError, build_tokenizer
+    try:
+        return build_tokenizer(**_tokenizer_kwargs(args))
+    except (TokenizerError, OSError) as e:
+        raise CliError(f"could not build the {args.tokenizer_type} tokenizer: {e}") from None
+
+
+# -- workers -------------------------------------------------------------------------------------
+_worker = {}
+
+
+def init_worker(tokenizer_kwargs, json_keys, append_eod, dtype, source_name, tokenizer=None) -> None:
+    """Sets up this process's tokenizer once (--workers 1 passes the parent's, already built)."""
+    if tokenizer is None:
+        from megatron_lite.data.tokenizer import build_tokenizer
+        tokenizer = build_tokenizer(**tokenizer_kwargs)
+    _worker.update(tokenizer=tokenizer, keys=json_keys, eod=append_eod, dtype=np.dtype(dtype),
+                   source=source_name)
+
+
+def init_pool_worker(*init_args) -> None:
+    """Pool initializer: the parent alone handles Ctrl-C and kill, and stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pool.terminate() must end a worker quietly
+    init_worker(*init_args)
+
+
+def _parse_line(raw: bytes, keys):
+    """Return ({key: text}, None) or (None, reason) for one input line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    if not line.strip():
+        return None, "empty line"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON ({e.msg} at column {e.colno})"
+    if not isinstance(obj, dict):
+        return None, f"not a JSON object (got {type(obj).__name__})"
+    texts = {}
+    for key in keys:
+        if key not in obj:
+            return None, f"missing key {key!r}"
+        if not isinstance(obj[key], str):
+            return None, f"value of key {key!r} is not a string (got {type(obj[key]).__name__})"
+        texts[key] = obj[key]
+    return texts, None
+
+
+def _tokenize_texts(tok, texts):
+    """Ids per text, or None where the tokenizer rejects a text (e.g. NullTokenizer on words)."""
+    try:
+        return tok.tokenize_batch(texts), {}
+    except ValueError:  # find the offending texts one by one; the rest of the batch is kept
+        ids, errors = [], {}
+        for i, text in enumerate(texts):
+            try:
+                ids.append(tok.tokenize(text))
+            except ValueError as e:
+                ids.append(None)
+                errors[i] = str(e)
+        return ids, errors
+
+
+def encode_batch(batch):
+    """Tokenize one batch of (line number, raw bytes); returns per-key token runs and bad lines."""
+    tok, keys, dtype, source = _worker["tokenizer"], _worker["keys"], _worker["dtype"], _worker["source"]
+    good, bad, nbytes = [], {}, 0
+    for lineno, raw in batch:
+        nbytes += len(raw)
+        texts, reason = _parse_line(raw, keys)
+        if reason is None:
+            good.append((lineno, texts))
+        else:
+            bad[lineno] = reason
+    ids_per_key = {}
+    for key in keys:
+        ids, errors = _tokenize_texts(tok, [texts[key] for _, texts in good]) if good else ([], {})
+        for i, message in errors.items():
+            bad.setdefault(good[i][0], f"key {key!r} could not be tokenized: {message}")
+        ids_per_key[key] = ids
+    keep = [i for i, (lineno, _) in enumerate(good) if lineno not in bad]
+    out = {}
+    for key, ids in ids_per_key.items():
+        ids = [ids[i] for i in keep] if len(keep) < len(ids) else ids
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+        if _worker["eod"]:
+            # After each document's last token; as in Megatron, an empty text stays an empty
+            # document (no lone end-of-document token).
+            nonempty = lengths > 0
+            flat = np.insert(flat, np.cumsum(lengths)[nonempty], tok.eod)
+            lengths = lengths + nonempty
+        out[key] = (flat, lengths)
+    return out, [f"{source}:{lineno}: {reason}" for lineno, reason in sorted(bad.items())], nbytes
+
+
+# -- reading -------------------------------------------------------------------------------------
+def read_batches(path: str):
+    """Yield lists of (1-based line number, raw line bytes), about BATCH_BYTES each."""
+    try:
+        with open(path, "rb") as f:
+            compressed = f.read(2) == b"\x1f\x8b"
+        opener = gzip.open if compressed else open
+        with opener(path, "rb") as f:
+            batch, size = [], 0
+            for lineno, raw in enumerate(f, start=1):
+                batch.append((lineno, raw))
+                size += len(raw)
+                if size >= BATCH_BYTES or len(batch) >= BATCH_LINES:
+                    yield batch
+                    batch, size = [], 0
+            if batch:
+                yield batch
+    except (OSError, EOFError) as e:  # includes a truncated or corrupt .gz
+        raise CliError(f"--input {path}: could not read it: {e}") from None
+
+
+def _bounded(iterable, slots: threading.Semaphore, stop: threading.Event):
+    # Pool.imap drains its input as fast as it can; this keeps only a few batches in flight.
+    for item in iterable:
+        slots.acquire()
+        if stop.is_set():  # shutting down: let the pool's feeder thread finish
+            return
+        yield item
+
+
+def output_prefix(args, key: str) -> str:
+    return f"{args.output_prefix}_{key}_document"
+
+
+def run(args) -> dict:
+    check_args(args)
+    tokenizer = load_tokenizer(args)
+    dtype = best_dtype(tokenizer.vocab_size)
+    init_args = (_tokenizer_kwargs(args), list(args.json_keys), args.append_eod, np.dtype(dtype).str,
+                 args.input)
+    builders = {key: IndexedDatasetBuilder(data_file_path(output_prefix(args, key)), dtype)
+                for key in args.json_keys}
+    stats = dict(documents=0, skipped=0, tokens=0, bytes=0)
+    pool = None
+    in_flight = 4 * args.workers
+    slots, stop = threading.Semaphore(in_flight), threading.Event()
+    start, cpu_start = time.time(), _cpu_seconds()
+    next_log = args.log_interval
+    try:
+        batches = _bounded(read_batches(args.input), slots, stop)
+        if args.workers == 1:
+            init_worker(*init_args, tokenizer=tokenizer)
+            results = map(encode_batch, batches)
+        else:
+            pool = Pool(args.workers, initializer=init_pool_worker, initargs=init_args)
+            results = pool.imap(encode_batch, batches)
+        for out, bad, nbytes in results:
+            slots.release()
+            for message in bad:
+                if args.strict:
+                    raise CliError(f"{message} (--strict: stopping; no output written)")
+                if stats["skipped"] < MAX_SHOWN_BAD_LINES:
+                    print(f"warning: skipped {message}", file=sys.stderr)
+                elif stats["skipped"] == MAX_SHOWN_BAD_LINES:
+                    print("warning: further bad lines are counted but not shown", file=sys.stderr)
+                stats["skipped"] += 1
+            for key, (flat, lengths) in out.items():
+                builders[key].add_documents(flat, lengths)
+                stats["tokens"] += int(flat.size)
+            stats["documents"] += len(out[args.json_keys[0]][1])
+            stats["bytes"] += nbytes
+            if stats["documents"] >= next_log:
+                next_log = (stats["documents"] // args.log_interval + 1) * args.log_interval
+                _log_progress(stats, time.time() - start)
+        for key, builder in builders.items():
+            builder.finalize(index_file_path(output_prefix(args, key)))
+    except OSError as e:
+        raise CliError(f"--output-prefix {args.output_prefix}: could not write the output: {e}") from None
+    finally:
+        if pool is not None:
+            stop.set()
+            slots.release(in_flight + 1)  # unblock the feeder so terminate() can join it
+            pool.terminate()
+            pool.join()
+        for builder in builders.values():
+            builder.abort()  # no-op for finalized builders; removes temporaries otherwise
+    stats["seconds"] = time.time() - start
+    stats["cpu_seconds"] = _cpu_seconds() - cpu_start  # pool workers are joined by now
+    return stats
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the pool workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _log_progress(stats, elapsed) -> None:
+    elapsed = max(elapsed, 1e-9)
+    print(f"processed {stats['documents']} documents ({stats['documents'] / elapsed:.1f} docs/s, "
+          f"{stats['bytes'] / elapsed / 1e6:.2f} MB/s, {stats['tokens'] / elapsed:.0f} tokens/s), "
+          f"elapsed {elapsed:.1f} s", file=sys.stderr, flush=True)
+
+
+def format_summary(stats) -> str:
+    return (f"done: documents={stats['documents']} skipped={stats['skipped']} tokens={stats['tokens']} "
+            f"MB={stats['bytes'] / 1e6:.3f} seconds={stats['seconds']:.3f} cpu_seconds={stats['cpu_seconds']:.3f} "
+            f"tokens/s={stats['tokens'] / max(stats['seconds'], 1e-9):.0f}")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    # --workers is the parallelism: keep the Rust tokenizer to one thread per process.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C and `kill` both unwind through run(), which deletes the temporaries (a shell may
+    # have started us with SIGINT ignored, so install the handler explicitly).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        stats = run(args)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+    print(format_summary(stats), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
