@@ -226,11 +226,12 @@ class GPT2BPETokenizer:
         Natural text repeats a few thousand pre-tokens over and over: looking them up in a dict beats
         sending every occurrence through `tokenizers`, whose per-token Encoding bookkeeping dominates.
         """
-        cache = self._piece_ids
-        missing = [p for p in set(pieces) if p not in cache]
+        cache, distinct = self._piece_ids, set(pieces)
+        missing = [p for p in distinct if p not in cache]
         if missing:
             if len(cache) + len(missing) > _BPE_CACHE_LIMIT:
                 cache.clear()
+                missing = list(distinct)  # everything this call needs, not only the new ones
             encodings = self._fast.encode_batch([[p] for p in missing], is_pretokenized=True)
             for piece, enc in zip(missing, encodings):
                 cache[piece] = enc.ids
@@ -243,7 +244,11 @@ class GPT2BPETokenizer:
         if self._fast is None:
             return self._tokenize_pure(text)
         pieces = self.pattern.findall(text)
-        return list(chain.from_iterable(map(self._ids_of_pieces(pieces).__getitem__, pieces)))
+        lookup = self._piece_ids.__getitem__
+        try:  # the common case: every pre-token seen before, no per-call set or Rust round trip
+            return list(chain.from_iterable(map(lookup, pieces)))
+        except KeyError:
+            return list(chain.from_iterable(map(self._ids_of_pieces(pieces).__getitem__, pieces)))
 
     def tokenize_batch(self, texts: Iterable[str]) -> List[List[int]]:
         texts = list(texts)
