@@ -134,6 +134,7 @@ class TrainConfig:
     tensorboard_dir: Optional[str] = None
     metrics_jsonl: Optional[str] = None
     peak_tflops: Optional[float] = None
+    log_num_zeros_in_grad: bool = False
     dry_run: bool = False
 
 
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-jsonl", default=None, help="(megatron_lite) one JSON line per logged iteration")
     g.add_argument("--peak-tflops", type=float, default=None,
-                   help="(megatron_lite) device peak TFLOP/s for MFU; measured when omitted")
+                   help="(megatron_lite) device peak TFLOP/s for MFU; MFU is reported only when given")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true")
     g.add_argument("--dry-run", action="store_true",
                    help="(megatron_lite) validate the flags against WORLD_SIZE, print the config, exit")
     return p
@@ -385,12 +387,28 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                  "--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage")
     if par.pipeline_schedule is None:
         par.pipeline_schedule = "1f1b"
+    if pp > 1:
+        # Fewer micro-batches than stages cannot fill the pipeline; say so here rather than at step 1.
+        num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+        need(num_micro >= pp,
+             f"pipeline parallelism needs at least as many micro-batches ({num_micro} = --global-batch-size "
+             f"({t.global_batch_size}) / (--micro-batch-size ({t.micro_batch_size}) x DP ({dp}))) as "
+             f"--pipeline-model-parallel-size ({pp}); raise --global-batch-size to >= "
+             f"{pp * t.micro_batch_size * dp}")
 
     # Optimizer and schedule.
     need(o.lr_decay_iters is None or o.lr_decay_iters >= 1, "--lr-decay-iters must be >= 1")
     need(o.lr_warmup_fraction is None or o.lr_warmup_iters == 0,
          "--lr-warmup-fraction and --lr-warmup-iters are exclusive; give one")
     need(o.min_lr <= o.lr, f"--min-lr ({o.min_lr}) must not exceed --lr ({o.lr})")
+    decay_iters = o.lr_decay_iters or t.train_iters
+    need(o.lr_warmup_iters <= decay_iters,
+         f"--lr-warmup-iters ({o.lr_warmup_iters}) exceeds the decay span (--lr-decay-iters, default "
+         f"--train-iters: {decay_iters}); shorten the warmup")
+    need(o.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {o.lr_warmup_iters}")
+    need(o.lr_warmup_fraction is None or 0.0 <= o.lr_warmup_fraction <= 1.0,
+         f"--lr-warmup-fraction must lie in [0, 1], got {o.lr_warmup_fraction}")
+    need(o.clip_grad >= 0, f"--clip-grad must be >= 0 (0 disables clipping), got {o.clip_grad}")
 
     # Data and tokenizer files.
     if not d.mock_data:
@@ -420,6 +438,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
 
     need(t.log_interval >= 1, "--log-interval must be >= 1")
     need(t.eval_interval >= 1, "--eval-interval must be >= 1")
+    need(t.eval_iters >= 0, f"--eval-iters must be >= 0 (0 disables evaluation), got {t.eval_iters}")
     if t.save_interval is not None:
         need(t.save is not None, "--save-interval needs --save DIR")
     return cfg

@@ -1,0 +1,102 @@
+"""Global gradient norm across tensor- and pipeline-parallel ranks, and clipping by it.
+
+Every model-parallel rank (TP x PP, ``pstate.mp_group``) holds a slice of one model replica; the
+global norm is sqrt of the sum of squares over all of them, each parameter counted once:
+- a parameter sharded over TP (attribute ``tensor_model_parallel=True``) is a distinct slice on
+  each TP rank, so every rank counts its own;
+- a parameter replicated over TP (layer norms, row-parallel biases, position embeddings) has the
+  same gradient on every TP rank, so only TP rank 0 counts it;
+- the tied word embedding lives on the first and the last pipeline stage (``shared_embedding``);
+  after the embedding all-reduce both copies hold the same gradient, so only the first counts it.
+Data-parallel replicas hold identical (already averaged) gradients, so no DP reduction is needed.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def param_is_tp_duplicate(param, tp_rank: int) -> bool:
+    """True where this copy of ``param`` repeats one counted on another TP rank."""
+    return not getattr(param, "tensor_model_parallel", False) and tp_rank != 0
+
+
+def param_is_shared_duplicate(param, pstate) -> bool:
+    """True for the last stage's copy of the tied word embedding when PP > 1."""
+    return (getattr(param, "shared_embedding", False) and pstate.pp_size > 1
+            and pstate.pp_rank != 0)
+
+
+def grads_for_norm(params: Iterable[torch.nn.Parameter], pstate) -> List[torch.Tensor]:
+    """Gradients that enter the global norm on this rank (duplicates dropped)."""
+    out = []
+    for p in params:
+        grad = _grad_of(p)
+        if grad is None:
+            continue
+        if param_is_tp_duplicate(p, pstate.tp_rank) or param_is_shared_duplicate(p, pstate):
+            continue
+        out.append(grad)
+    return out
+
+
+def _grad_of(p) -> Optional[torch.Tensor]:
+    # The data-parallel buffers of the roadmap keep fp32 gradients in ``main_grad``.
+    grad = getattr(p, "main_grad", None)
+    return grad if grad is not None else p.grad
+
+
+def _model_parallel_sum(value: torch.Tensor, pstate) -> torch.Tensor:
+    if pstate.mp_group is not None and dist.is_initialized() and pstate.tp_size * pstate.pp_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=pstate.mp_group)
+    return value
+
+
+def get_grad_norm(grads_for_norm_: List[torch.Tensor], pstate, norm_type: float = 2.0) -> float:
+    """L2 (or inf) norm of the gradients of the whole model, identical on every rank of the replica."""
+    device = grads_for_norm_[0].device if grads_for_norm_ else pstate.device
+    if norm_type == float("inf"):
+        local = max((g.detach().abs().max().float() for g in grads_for_norm_),
+                    default=torch.zeros((), device=device))
+        total = torch.as_tensor(local, dtype=torch.float32, device=device).reshape(1)
+        if pstate.mp_group is not None and dist.is_initialized() and pstate.tp_size * pstate.pp_size > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pstate.mp_group)
+        return float(total.item())
+    total = torch.zeros(1, dtype=torch.float32, device=device)
+    for g in grads_for_norm_:
+        total += torch.linalg.vector_norm(g.detach().float(), norm_type) ** norm_type
+    total = _model_parallel_sum(total, pstate)
+    return float(total.item() ** (1.0 / norm_type))
+
+
+def clip_grads_by_total_norm(params: Iterable[torch.nn.Parameter], max_norm: float, total_norm: float) -> None:
+    """Scale every gradient by max_norm / (total_norm + 1e-6) when that is below 1 (Megatron's rule)."""
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for p in params:
+            grad = _grad_of(p)
+            if grad is not None:
+                grad.detach().mul_(clip_coeff)
+
+
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, pstate,
+                   norm_type: float = 2.0) -> float:
+    """Global norm over the model-parallel ranks; clip when ``max_norm > 0``. Returns the norm before clipping."""
+    params = list(params)
+    total_norm = get_grad_norm(grads_for_norm(params, pstate), pstate, norm_type)
+    if max_norm > 0:
+        clip_grads_by_total_norm(params, max_norm, total_norm)
+    return total_norm
+
+
+def count_zeros(params: Iterable[torch.nn.Parameter], pstate) -> int:
+    """Number of exactly-zero gradient entries in the model, duplicates counted once."""
+    params = list(params)
+    grads = grads_for_norm(params, pstate)
+    device = grads[0].device if grads else pstate.device
+    total = torch.zeros(1, dtype=torch.float32, device=device)
+    for g in grads:
+        total += float(g.numel()) - torch.count_nonzero(g).float()
+    return int(_model_parallel_sum(total, pstate).item())

@@ -1,0 +1,228 @@
+"""AdamW behind one interface, in fp32 or with fp32 master weights for fp16/bf16 models.
+
+    opt = build_optimizer(model_chunks, cfg.optim, cfg.model, pstate)
+    opt.zero_grad()
+    ... forward/backward (loss multiplied by opt.get_loss_scale()), finalize_model_grads ...
+    update_successful, grad_norm, num_zeros = opt.step()
+
+``step`` does what Megatron-LM's ``MegatronOptimizer.step`` does: (mixed precision: copy the
+model's half-precision grads to fp32 master grads, unscale, skip the step on inf/nan), clip by
+the global norm over the model-parallel ranks, AdamW update, (copy masters back to the model).
+The roadmap's ZeRO-1 optimizer implements the same methods.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.optim.clip import clip_grad_norm, count_zeros
+from megatron_lite.optim.grad_scaler import build_grad_scaler
+
+# Attributes the parallel layers set on parameters; masters carry them so the norm dedupes alike.
+PARALLEL_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel",
+                  "shared_embedding")
+
+
+def param_has_no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases and norm weights (all 1-D parameters) are not decayed, as in Megatron-LM."""
+    return name.endswith(".bias") or param.ndim == 1
+
+
+def get_param_groups(model_chunks, weight_decay: float) -> List[Dict]:
+    """Two AdamW groups: decayed weights and undecayed biases/norms (empty groups dropped)."""
+    decay, no_decay = [], []
+    for chunk in model_chunks:
+        for name, p in chunk.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if param_has_no_weight_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+class MegatronOptimizer(ABC):
+    """The trainer's view of an optimizer, whatever the precision or sharding underneath."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clip_grad: float, pstate, log_num_zeros: bool = False):
+        self.optimizer = optimizer
+        self.clip_grad = clip_grad
+        self.pstate = pstate
+        self.log_num_zeros = log_num_zeros
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @abstractmethod
+    def main_params(self) -> List[torch.nn.Parameter]:
+        """The parameters the update is computed on (fp32)."""
+
+    def get_loss_scale(self) -> float:
+        return 1.0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                _zero(p, set_to_none)
+
+    def clip_and_count(self) -> Tuple[float, Optional[int]]:
+        params = self.main_params()
+        grad_norm = clip_grad_norm(params, self.clip_grad, self.pstate)
+        num_zeros = count_zeros(params, self.pstate) if self.log_num_zeros else None
+        return grad_norm, num_zeros
+
+    @abstractmethod
+    def step(self) -> Tuple[bool, Optional[float], Optional[int]]:
+        """Returns (update_successful, grad_norm, num_zeros_in_grad or None)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def reload_model_params(self) -> None:
+        """After loading model weights from a checkpoint: refresh any copies of them."""
+
+
+def _zero(p, set_to_none: bool) -> None:
+    if p.grad is None:
+        return
+    if set_to_none:
+        p.grad = None
+    else:
+        p.grad.detach_().zero_()
+
+
+class FP32Optimizer(MegatronOptimizer):
+    """fp32 model: the torch optimizer updates the model's parameters directly."""
+
+    def main_params(self):
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def step(self):
+        grad_norm, num_zeros = self.clip_and_count()
+        self.optimizer.step()
+        return True, grad_norm, num_zeros
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class MixedPrecisionOptimizer(MegatronOptimizer):
+    """fp16/bf16 model with fp32 master weights (Megatron's Float16OptimizerWithFloat16Params).
+
+    The torch optimizer holds fp32 masters; each step copies the model's grads into the masters'
+    ``.grad`` (unscaled by the loss scale for fp16), updates, and copies the masters back.
+    """
+
+    def __init__(self, model_groups: List[Dict], optim_cfg, pstate, grad_scaler, log_num_zeros=False):
+        self.model_params: List[List[torch.nn.Parameter]] = []
+        master_groups = []
+        for group in model_groups:
+            masters = []
+            for p in group["params"]:
+                m = torch.nn.Parameter(p.detach().clone().float())
+                for attr in PARALLEL_ATTRS:
+                    if hasattr(p, attr):
+                        setattr(m, attr, getattr(p, attr))
+                masters.append(m)
+            self.model_params.append(list(group["params"]))
+            master_groups.append({**group, "params": masters})
+        optimizer = _adamw(master_groups, optim_cfg)
+        super().__init__(optimizer, optim_cfg.clip_grad, pstate, log_num_zeros)
+        self.grad_scaler = grad_scaler
+
+    def main_params(self):
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def get_loss_scale(self) -> float:
+        return self.grad_scaler.scale if self.grad_scaler is not None else 1.0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for params in self.model_params:
+            for p in params:
+                _zero(p, set_to_none)
+        super().zero_grad(set_to_none)
+
+    def _copy_model_grads_to_main(self) -> None:
+        for params, group in zip(self.model_params, self.optimizer.param_groups):
+            for p, m in zip(params, group["params"]):
+                grad = getattr(p, "main_grad", None)
+                grad = grad if grad is not None else p.grad
+                m.grad = None if grad is None else grad.detach().float()
+
+    def _unscale_and_check_inf(self) -> bool:
+        """Divide the master grads by the loss scale; True when any rank of the replica saw inf/nan."""
+        inv_scale = 1.0 / self.grad_scaler.scale
+        found = torch.zeros(1, dtype=torch.float32, device=self.pstate.device)
+        for m in self.main_params():
+            if m.grad is not None:
+                m.grad.mul_(inv_scale)
+                found = torch.maximum(found, (~torch.isfinite(m.grad)).any().float().reshape(1))
+        if self.pstate.mp_group is not None and dist.is_initialized() and self.pstate.tp_size * self.pstate.pp_size > 1:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.pstate.mp_group)
+        return bool(found.item() > 0)
+
+    def step(self):
+        self._copy_model_grads_to_main()
+        if self.grad_scaler is not None:
+            found_inf = self._unscale_and_check_inf()
+            self.grad_scaler.update(found_inf)
+            if found_inf:
+                return False, None, None
+        grad_norm, num_zeros = self.clip_and_count()
+        self.optimizer.step()
+        with torch.no_grad():
+            for params, group in zip(self.model_params, self.optimizer.param_groups):
+                for p, m in zip(params, group["params"]):
+                    p.copy_(m)
+        return True, grad_norm, num_zeros
+
+    def reload_model_params(self) -> None:
+        with torch.no_grad():
+            for params, group in zip(self.model_params, self.optimizer.param_groups):
+                for p, m in zip(params, group["params"]):
+                    m.copy_(p.float())
+
+    def state_dict(self):
+        state = {"optimizer": self.optimizer.state_dict(),
+                 "fp32_from_fp16_params": [[m.detach().clone() for m in g["params"]]
+                                           for g in self.optimizer.param_groups]}
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for group, saved in zip(self.optimizer.param_groups, state["fp32_from_fp16_params"]):
+                for m, s in zip(group["params"], saved):
+                    m.copy_(s)
+        if self.grad_scaler is not None and "grad_scaler" in state:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+
+
+def _adamw(groups, optim_cfg) -> torch.optim.AdamW:
+    if optim_cfg.optimizer != "adam":
+        raise ValueError(f"--optimizer {optim_cfg.optimizer!r} is not supported; use adam")
+    # foreach=False: the per-parameter loop is bitwise reproducible across layouts (the parity tests
+    # compare TP shards to the whole tensor), and these models are small.
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
+                             eps=optim_cfg.adam_eps, weight_decay=optim_cfg.weight_decay, foreach=False)
+
+
+def build_optimizer(model_chunks, optim_cfg, model_cfg, pstate, log_num_zeros: bool = False) -> MegatronOptimizer:
+    """AdamW over ``model_chunks``: fp32, or fp32 masters (+ loss scaling for fp16) for --fp16/--bf16."""
+    groups = get_param_groups(model_chunks, optim_cfg.weight_decay)
+    if model_cfg.fp16 or model_cfg.bf16:
+        scaler = build_grad_scaler(optim_cfg, fp16=model_cfg.fp16)
+        return MixedPrecisionOptimizer(groups, optim_cfg, pstate, scaler, log_num_zeros)
+    return FP32Optimizer(_adamw(groups, optim_cfg), optim_cfg.clip_grad, pstate, log_num_zeros)

@@ -1,0 +1,135 @@
+"""Timers, throughput (tokens/s, TFLOP/s per device, MFU), memory, and where they are written.
+
+Throughput follows Megatron-LM: TFLOP/s per device = model FLOPs of one global batch (forward
++ backward, ``model.flops.num_floating_point_operations``) / (seconds per iteration x world size x 1e12).
+MFU is that over the device peak given by --peak-tflops (printed once, so a wrong peak is visible).
+
+Only the logging rank (``pstate.is_logging_rank``) constructs a ``MetricsWriter``; it appends one
+JSON object per line to --metrics-jsonl and flushes it, and mirrors the scalars to TensorBoard.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+
+
+class Timer:
+    """Wall-clock timer; synchronises CUDA so GPU work is counted where it ran."""
+
+    def __init__(self):
+        self.elapsed_s = 0.0
+        self._start: Optional[float] = None
+
+    @staticmethod
+    def _sync():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def start(self) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        self._sync()
+        dt = time.perf_counter() - self._start
+        self.elapsed_s += dt
+        self._start = None
+        return dt
+
+    def reset(self) -> float:
+        """Return the accumulated time and start accumulating afresh."""
+        out, self.elapsed_s = self.elapsed_s, 0.0
+        return out
+
+
+def throughput(iter_time_s: float, global_batch_size: int, seq_length: int, flops_per_batch: float,
+               world_size: int, peak_tflops: Optional[float] = None) -> Dict[str, Optional[float]]:
+    tokens_per_s = global_batch_size * seq_length / iter_time_s
+    tflops = flops_per_batch / (iter_time_s * world_size * 1e12)
+    mfu = tflops / peak_tflops if peak_tflops else None
+    return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": mfu}
+
+
+def memory_stats(device: torch.device) -> Dict[str, float]:
+    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
+    if device.type == "cuda":
+        return {"mem_max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                "mem_max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    if sys.platform == "darwin":  # bytes there
+        rss_kib /= 1024
+    return {"mem_max_rss_gib": rss_kib / 2 ** 20}
+
+
+def format_train_line(rec: dict, train_iters: int) -> str:
+    """Megatron-LM's training log line, plus throughput."""
+    parts = [f" iteration {rec['iteration']:8d}/{train_iters:8d}",
+             f"consumed samples: {rec['consumed_samples']:12d}",
+             f"elapsed time per iteration (ms): {rec['iter_time_s'] * 1000:.1f}",
+             f"learning rate: {rec['lr']:.6E}",
+             f"global batch size: {rec['global_batch_size']:5d}"]
+    if rec.get("lm_loss") is not None:
+        parts.append(f"lm loss: {rec['lm_loss']:.6E}")
+    parts.append(f"loss scale: {rec['loss_scale']:.1f}")
+    if rec.get("grad_norm") is not None:
+        parts.append(f"grad norm: {rec['grad_norm']:.3f}")
+    if rec.get("num_zeros") is not None:
+        parts.append(f"num zeros: {rec['num_zeros']:.1f}")
+    parts += [f"number of skipped iterations: {rec['skipped_iters']:3d}",
+              f"number of nan iterations: {rec['nan_iters']:3d}",
+              f"tokens/s: {rec['tokens_per_s']:.0f}",
+              f"TFLOP/s/device: {rec['tflops_per_device']:.3f}"]
+    if rec.get("mfu") is not None:
+        parts.append(f"MFU: {100 * rec['mfu']:.2f}%")
+    return " | ".join(parts) + " |"
+
+
+def format_eval_line(iteration: int, loss: float, ppl: float, split: str = "validation") -> str:
+    text = f" {split} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+    bar = "-" * (len(text) + 1)
+    return f"{bar}\n{text}\n{bar}"
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(20.0, loss))  # Megatron caps the exponent at 20 to stay finite
+
+
+class MetricsWriter:
+    """JSONL (flushed per line) and TensorBoard sinks; either may be absent."""
+
+    def __init__(self, jsonl_path: Optional[str] = None, tensorboard_dir: Optional[str] = None):
+        self._jsonl = None
+        self._tb = None
+        if jsonl_path:
+            parent = os.path.dirname(os.path.abspath(jsonl_path))
+            os.makedirs(parent, exist_ok=True)
+            self._jsonl = open(jsonl_path, "a", encoding="utf-8")
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency: import on use
+            self._tb = SummaryWriter(log_dir=tensorboard_dir)
+
+    def write(self, record: dict, tb_prefix: str = "") -> None:
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record, sort_keys=False) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            step = record["iteration"]
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(tb_prefix + key, value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

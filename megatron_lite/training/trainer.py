@@ -1,0 +1,332 @@
+"""The training loop: build everything from a Config, then schedule -> finalize grads -> step.
+
+    summary = pretrain(parse_args(argv))
+
+Order of setup (as Megatron-LM's ``pretrain``): validate the flags against WORLD_SIZE before any
+process group exists; build the groups; seed; tokenizer -> padded vocabulary; model chunks;
+optimizer and lr schedule; optional checkpoint load; datasets sized as Megatron sizes them.
+Every iteration: the schedule runs forward/backward over this rank's micro-batches, then
+``finalize_model_grads`` reduces over DP / sequence-parallel / embedding groups, then the
+optimizer clips and steps, then the lr schedule advances (only when the step was taken).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.config import Config, pad_vocab_size, validate
+from megatron_lite.optim.clip import param_is_shared_duplicate, param_is_tp_duplicate
+from megatron_lite.optim.lr_schedule import build_lr_scheduler
+from megatron_lite.optim.optimizer import build_optimizer
+from megatron_lite.training.batch import build_data_iterators
+from megatron_lite.training.finalize_grads import finalize_model_grads
+from megatron_lite.training.metrics import (MetricsWriter, Timer, format_eval_line, format_train_line,
+                                            memory_stats, perplexity, throughput)
+
+
+@dataclass
+class TrainSummary:
+    """What ``pretrain`` returns; the loss lists are filled on the logging rank (None elsewhere)."""
+    iteration: int = 0
+    consumed_samples: int = 0
+    losses: List[Optional[float]] = field(default_factory=list)  # one per iteration, DP-averaged
+    grad_norms: List[Optional[float]] = field(default_factory=list)
+    lrs: List[float] = field(default_factory=list)  # lr used by each iteration's update
+    skipped_iters: int = 0
+    valid: List[Dict[str, float]] = field(default_factory=list)  # {"iteration", "lm_loss", "ppl"}
+    exit_reason: str = "train_iters"
+
+
+def _print_rank0(pstate, *args):
+    if pstate.rank == 0:
+        print(*args, flush=True)
+
+
+def _print_logging_rank(pstate, *args):
+    if pstate.is_logging_rank:
+        print(*args, flush=True)
+
+
+# ---- setup ------------------------------------------------------------------------------------
+def build_tokenizer_for(cfg: Config):
+    """The run's tokenizer; --mock-data with --vocab-size and no tokenizer files needs none (ids < N)."""
+    from megatron_lite.data.tokenizer import NullTokenizer, build_tokenizer_from_config
+
+    d = cfg.data
+    if d.mock_data and cfg.model.vocab_size and d.tokenizer_type == "GPT2BPETokenizer" and not d.vocab_file:
+        return NullTokenizer(cfg.model.vocab_size)
+    return build_tokenizer_from_config(d, vocab_size=cfg.model.vocab_size)
+
+
+def dataset_sample_counts(cfg: Config) -> List[int]:
+    """Megatron's sizes: train iters x gbs; (iters // eval interval + 1) x eval iters x gbs; eval iters x gbs."""
+    t = cfg.train
+    gbs = t.global_batch_size
+    return [t.train_iters * gbs, (t.train_iters // t.eval_interval + 1) * t.eval_iters * gbs, t.eval_iters * gbs]
+
+
+def count_model_parameters(model_chunks, pstate) -> int:
+    """Parameters of the whole model (duplicates over TP and the tied embedding counted once)."""
+    local = sum(p.numel() for c in model_chunks for p in c.parameters()
+                if not param_is_tp_duplicate(p, pstate.tp_rank) and not param_is_shared_duplicate(p, pstate))
+    total = torch.tensor([local], dtype=torch.float64, device=pstate.device)
+    if pstate.tp_size * pstate.pp_size > 1:
+        dist.all_reduce(total, group=pstate.mp_group)
+    return int(total.item())
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Mean of the per-token losses over the tokens the mask keeps (Megatron's GPT loss)."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1.0)
+    return loss, {"lm loss": loss.detach()}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    return output, functools.partial(loss_func, batch["loss_mask"])
+
+
+class Trainer:
+    """Holds the built pieces of one run; ``pretrain`` drives it."""
+
+    def __init__(self, cfg: Config, pstate):
+        from megatron_lite.data.gpt_dataset import build_pretraining_datasets
+        from megatron_lite.model.flops import num_floating_point_operations, recomputed_layer_count
+        from megatron_lite.model.gpt import build_model_chunks
+        from megatron_lite.parallel.random import model_parallel_seed
+        from megatron_lite.parallel.schedules import get_forward_backward_func
+
+        self.cfg, self.pstate = cfg, pstate
+        m, t = cfg.model, cfg.train
+        model_parallel_seed(t.seed, pstate)
+        self.tokenizer = build_tokenizer_for(cfg)
+        m.vocab_size = self.tokenizer.vocab_size
+        m.padded_vocab_size = pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, pstate.tp_size)
+        self.model = [chunk.to(pstate.device) for chunk in build_model_chunks(cfg, pstate)]
+        self.num_params = count_model_parameters(self.model, pstate)
+        _print_rank0(pstate, f"> layout TP={pstate.tp_size} PP={pstate.pp_size} DP={pstate.dp_size} "
+                             f"({pstate.world_size} ranks, backend {pstate.backend}); vocab {m.vocab_size} "
+                             f"padded to {m.padded_vocab_size}; {self.num_params:,} parameters")
+        self.optimizer = build_optimizer(self.model, cfg.optim, m, pstate,
+                                         log_num_zeros=t.log_num_zeros_in_grad)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, t.train_iters)
+        self.forward_backward = get_forward_backward_func(cfg)
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * pstate.dp_size)
+        self.flops_per_batch = num_floating_point_operations(m, t.global_batch_size, recomputed_layer_count(cfg))
+        self.iteration, self.consumed_samples, self.consumed_valid_samples = 0, 0, 0
+        if t.load:
+            self._load()
+        self.train_ds, self.valid_ds, self.test_ds = build_pretraining_datasets(
+            cfg.data, m.seq_length, t.seed, dataset_sample_counts(cfg), vocab_size=m.vocab_size)
+        self.writer = MetricsWriter(t.metrics_jsonl, t.tensorboard_dir) if pstate.is_logging_rank else None
+        if t.peak_tflops:
+            _print_logging_rank(pstate, f"> MFU against --peak-tflops {t.peak_tflops:g} TFLOP/s per device")
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _load(self) -> None:
+        from megatron_lite.training.checkpoint import load_checkpoint, read_latest_iteration
+
+        t = self.cfg.train
+        if read_latest_iteration(t.load) is None:
+            _print_rank0(self.pstate, f"> --load {t.load}: no checkpoint there; training from scratch")
+            return
+        info = load_checkpoint(t.load, self.model, self.optimizer, self.lr_scheduler, self.pstate,
+                               load_optim=not t.no_load_optim, load_rng=not t.no_load_rng)
+        self.optimizer.reload_model_params()
+        self.iteration, self.consumed_samples = info["iteration"], info["consumed_train_samples"]
+        _print_rank0(self.pstate, f"> loaded checkpoint from {t.load} at iteration {self.iteration}")
+
+    def save(self) -> None:
+        from megatron_lite.training.checkpoint import save_checkpoint
+
+        path = save_checkpoint(self.cfg.train.save, self.iteration, self.model, self.optimizer, self.lr_scheduler,
+                               self.consumed_samples, self.cfg.to_dict(), self.pstate)
+        iter_dir = os.path.dirname(os.path.dirname(path))
+        _print_rank0(self.pstate, f"> saved checkpoint at iteration {self.iteration} to {iter_dir}")
+
+    # ---- one iteration ----------------------------------------------------------------------
+    def _run_schedule(self, dataset, consumed: int, forward_only: bool, split: str) -> List[dict]:
+        m, t = self.cfg.model, self.cfg.train
+        it = build_data_iterators(dataset, consumed, t.micro_batch_size, self.num_microbatches, self.pstate,
+                                  self.tokenizer.eod, m, num_chunks=len(self.model), split=split)
+        return self.forward_backward(
+            forward_step_func=forward_step, data_iterator=it, model=self.model,
+            num_microbatches=self.num_microbatches, seq_length=m.seq_length, micro_batch_size=t.micro_batch_size,
+            hidden_size=m.hidden_size, pstate=self.pstate, forward_only=forward_only,
+            grad_scale=None if forward_only else self.optimizer.get_loss_scale(), dtype=m.params_dtype,
+            sequence_parallel=m.sequence_parallel)
+
+    def _reduce_loss(self, loss_dicts: List[dict]) -> Optional[float]:
+        """Mean over micro-batches, then over DP replicas; None off the last pipeline stage."""
+        if not self.pstate.is_pipeline_last_stage(ignore_virtual=True):
+            return None
+        value = torch.stack([d["lm loss"].float() for d in loss_dicts]).mean().reshape(1)
+        if self.pstate.dp_size > 1:
+            dist.all_reduce(value, group=self.pstate.dp_group)
+            value /= self.pstate.dp_size
+        return float(value.item())
+
+    def train_step(self):
+        for chunk in self.model:
+            chunk.train()
+        self.optimizer.zero_grad()
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_dicts = self._run_schedule(self.train_ds, self.consumed_samples, False, "train")
+        finalize_model_grads(self.model, self.pstate)
+        ok, grad_norm, num_zeros = self.optimizer.step()
+        if ok:
+            self.lr_scheduler.step(1)
+        self.iteration += 1
+        self.consumed_samples += self.cfg.train.global_batch_size
+        return self._reduce_loss(loss_dicts), ok, grad_norm, num_zeros, lr
+
+    @torch.no_grad()
+    def evaluate(self, dataset, split: str) -> Optional[float]:
+        for chunk in self.model:
+            chunk.eval()
+        t = self.cfg.train
+        losses = []
+        for _ in range(t.eval_iters):
+            consumed = self.consumed_valid_samples if split == "valid" else len(losses) * t.global_batch_size
+            losses.append(self._reduce_loss(self._run_schedule(dataset, consumed, True, split)))
+            if split == "valid":
+                self.consumed_valid_samples += t.global_batch_size
+        for chunk in self.model:
+            chunk.train()
+        return None if losses[0] is None else sum(losses) / len(losses)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _log_training(self, window: dict, iter_time_s: float, lr: float, grad_norm, num_zeros, skipped: bool):
+        t, m = self.cfg.train, self.cfg.model
+        counted = window["iters"] - window["skipped"] - window["nan"]
+        lm_loss = window["loss_sum"] / counted if counted > 0 else None
+        rec = {"iteration": self.iteration, "consumed_samples": self.consumed_samples, "lm_loss": lm_loss,
+               "lr": lr, "grad_norm": grad_norm, "loss_scale": self.optimizer.get_loss_scale(),
+               "skipped_iter": int(skipped), "iter_time_s": iter_time_s,
+               **throughput(iter_time_s, t.global_batch_size, m.seq_length, self.flops_per_batch,
+                            self.pstate.world_size, t.peak_tflops),
+               "global_batch_size": t.global_batch_size, "num_zeros": num_zeros,
+               "skipped_iters": window["skipped"], "nan_iters": window["nan"],
+               **memory_stats(self.pstate.device)}
+        print(format_train_line(rec, t.train_iters), flush=True)
+        if self.writer is not None:
+            self.writer.write(rec)
+
+    def _log_eval(self, loss: float, split: str, summary: TrainSummary) -> None:
+        ppl = perplexity(loss)
+        summary.valid.append({"iteration": self.iteration, "split": split, "lm_loss": loss, "ppl": ppl})
+        print(format_eval_line(self.iteration, loss, ppl, "validation" if split == "valid" else split), flush=True)
+        if self.writer is not None:
+            self.writer.write({"iteration": self.iteration, "split": split, "consumed_samples": self.consumed_samples,
+                               "lm_loss": loss, "ppl": ppl}, tb_prefix=f"{split}/")
+
+    def _should_exit_for_time(self, start: float) -> bool:
+        """Every rank must agree, or some would wait forever in the next collective."""
+        minutes = self.cfg.train.exit_duration_in_mins
+        if minutes is None:
+            return False
+        flag = torch.tensor([int((time.time() - start) / 60.0 > minutes)], device=self.pstate.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> TrainSummary:
+        t, ps = self.cfg.train, self.pstate
+        summary = TrainSummary()
+        start = time.time()
+        timer = Timer()
+        window = {"loss_sum": 0.0, "iters": 0, "skipped": 0, "nan": 0}
+        saved_at = evaluated_at = None
+        timer.start()
+        while self.iteration < t.train_iters:
+            loss, ok, grad_norm, num_zeros, lr = self.train_step()
+            summary.losses.append(loss)
+            summary.grad_norms.append(grad_norm)
+            summary.lrs.append(lr)
+            summary.skipped_iters += int(not ok)
+            window["iters"] += 1
+            if not ok:
+                window["skipped"] += 1
+            elif loss is not None and not math.isfinite(loss):
+                window["nan"] += 1
+            elif loss is not None:
+                window["loss_sum"] += loss
+
+            if self.iteration % t.log_interval == 0:
+                timer.stop()
+                iter_time = timer.reset() / window["iters"]
+                if ps.is_logging_rank:
+                    self._log_training(window, iter_time, lr, grad_norm, num_zeros, not ok)
+                window = {"loss_sum": 0.0, "iters": 0, "skipped": 0, "nan": 0}
+                timer.start()
+            if self.valid_ds is not None and self.iteration % t.eval_interval == 0:
+                timer.stop()  # evaluation and saving are not training time (as in Megatron-LM)
+                loss = self.evaluate(self.valid_ds, "valid")
+                evaluated_at = self.iteration
+                if loss is not None and ps.is_logging_rank:
+                    self._log_eval(loss, "valid", summary)
+                timer.start()
+            if t.save and t.save_interval and self.iteration % t.save_interval == 0:
+                timer.stop()
+                self.save()
+                saved_at = self.iteration
+                timer.start()
+            if t.exit_interval and self.iteration % t.exit_interval == 0:
+                summary.exit_reason = "exit_interval"
+                break
+            if self._should_exit_for_time(start):
+                summary.exit_reason = "exit_duration"
+                _print_rank0(ps, f"> exiting after {t.exit_duration_in_mins} minutes (--exit-duration-in-mins)")
+                break
+        timer.stop()
+
+        if self.valid_ds is not None and evaluated_at != self.iteration and self.iteration > 0:
+            loss = self.evaluate(self.valid_ds, "valid")
+            if loss is not None and ps.is_logging_rank:
+                self._log_eval(loss, "valid", summary)
+        if self.test_ds is not None and summary.exit_reason == "train_iters":
+            loss = self.evaluate(self.test_ds, "test")
+            if loss is not None and ps.is_logging_rank:
+                self._log_eval(loss, "test", summary)
+        if t.save and saved_at != self.iteration and self.iteration > 0:
+            self.save()
+        summary.iteration, summary.consumed_samples = self.iteration, self.consumed_samples
+        return summary
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def num_virtual_stages(cfg: Config) -> Optional[int]:
+    vpl = cfg.parallel.num_layers_per_virtual_pipeline_stage
+    if vpl is None:
+        return None
+    return cfg.model.num_layers // cfg.parallel.pipeline_model_parallel_size // vpl
+
+
+def pretrain(cfg: Config, world_size: Optional[int] = None) -> TrainSummary:
+    """Validate, build the layout and the run, train; returns the summary. Leaves the process group up
+    (the caller may run another layout in the same processes; the entry point tears it down)."""
+    from megatron_lite.parallel.state import initialize_parallel
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    validate(cfg, world_size)  # before any process group: a bad flag fails fast on every rank
+    par = cfg.parallel
+    pstate = initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                                 backend=par.distributed_backend, virtual_pipeline=num_virtual_stages(cfg),
+                                 timeout_minutes=par.distributed_timeout_minutes)
+    trainer = Trainer(cfg, pstate)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

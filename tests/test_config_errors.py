@@ -1,0 +1,135 @@
+"""Every bad flag combination gets one clear ConfigError naming the flags; the entry point turns
+user errors into a single ``error: ...`` line on stderr, exit status 2 and no traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_lite.config import ConfigError, parse_args, validate
+from megatron_lite.parallel.state import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "tokenizer")
+MOCK = ["--mock-data", "--vocab-size", "256", "--num-layers", "4", "--hidden-size", "64",
+        "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "2"]
+
+
+def tp(n):
+    return ["--tensor-model-parallel-size", str(n)]
+
+
+def pp(n):
+    return ["--pipeline-model-parallel-size", str(n)]
+
+
+# (extra flags, world size, a fragment the message must contain)
+BAD = [
+    (tp(3) + ["--num-attention-heads", "4"], 3,
+     "--num-attention-heads (4) must be divisible by --tensor-model-parallel-size (3)"),
+    (["--hidden-size", "66"], 1, "--hidden-size (66) must be divisible by --num-attention-heads (4)"),
+    (["--global-batch-size", "6"], 2,
+     "--global-batch-size (6) must be divisible by --micro-batch-size (2) x data-parallel size (2) = 4"),
+    (["--seq-length", "64", "--max-position-embeddings", "32"], 1,
+     "--seq-length (64) exceeds --max-position-embeddings (32)"),
+    (tp(2), 3, "world size 3 is not divisible by --tensor-model-parallel-size (2)"),
+    (["--fp16", "--bf16"], 1, "--fp16 and --bf16 are exclusive"),
+    (tp(4) + ["--sequence-parallel", "--seq-length", "18"], 4,
+     "--sequence-parallel needs --seq-length (18) divisible"),
+    (["--recompute-method", "uniform"], 1, "--recompute-method needs --recompute-granularity full"),
+    (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"], 1,
+     "--lr-warmup-fraction and --lr-warmup-iters are exclusive"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], 1, "--min-lr (0.001) must not exceed --lr (0.0001)"),
+    (["--train-iters", "10", "--lr-warmup-iters", "20"], 1, "--lr-warmup-iters (20) exceeds the decay span"),
+    (["--eval-iters", "-1"], 1, "--eval-iters must be >= 0"),
+    # pipeline layouts
+    (pp(3), 3, "--num-layers (4) cannot be split evenly over --pipeline-model-parallel-size (3)"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], 1,
+     "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"),
+    (["--decoder-first-pipeline-num-layers", "1"], 1,
+     "--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1"),
+    (pp(2) + ["--num-layers-per-virtual-pipeline-stage", "3"], 2,
+     "must be divisible by --num-layers-per-virtual-pipeline-stage (3)"),
+    (pp(2) + ["--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "6"], 2,
+     "the interleaved schedule needs the number of micro-batches (3"),
+    (pp(2) + ["--pipeline-schedule", "interleaved"], 2,
+     "--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage"),
+    (pp(2) + ["--global-batch-size", "2"], 2, "needs at least as many micro-batches (1"),
+    (pp(2) + ["--decoder-first-pipeline-num-layers", "5"], 2, "cannot be split evenly"),
+]
+
+
+@pytest.mark.parametrize("extra,world,fragment", BAD, ids=[b[2][:40] for b in BAD])
+def test_bad_combination_message(extra, world, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate(parse_args(MOCK + extra), world)
+    assert fragment in str(info.value)
+
+
+def test_nonexistent_data_prefix(tmp_path):
+    prefix = str(tmp_path / "missing_text_document")
+    args = ["--data-path", prefix, "--vocab-file", os.path.join(TOKENIZER, "vocab.json"),
+            "--merge-file", os.path.join(TOKENIZER, "merges.txt")]
+    with pytest.raises(ConfigError, match="--data-path: .*missing_text_document.bin does not exist"):
+        validate(parse_args(args), 1)
+
+
+def test_missing_vocab_file(tmp_path):
+    (tmp_path / "d.bin").write_bytes(b"")
+    (tmp_path / "d.idx").write_bytes(b"")
+    args = ["--data-path", str(tmp_path / "d"), "--vocab-file", str(tmp_path / "nope.json"),
+            "--merge-file", os.path.join(TOKENIZER, "merges.txt")]
+    with pytest.raises(ConfigError, match=r"--vocab-file: .*nope.json does not exist"):
+        validate(parse_args(args), 1)
+    with pytest.raises(ConfigError, match="--vocab-file is required"):
+        validate(parse_args(["--data-path", str(tmp_path / "d")]), 1)
+
+
+def test_good_layout_fills_derived_fields():
+    cfg = validate(parse_args(MOCK + tp(2) + pp(2) + ["--global-batch-size", "8"]), 8)
+    assert cfg.parallel.data_parallel_size == 2 and cfg.parallel.pipeline_schedule == "1f1b"
+
+
+def _run_entry_point(args, cwd, nproc=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if nproc is None:
+        cmd = [sys.executable, "-m", "megatron_lite.pretrain_gpt"] + args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), "-m", "megatron_lite.pretrain_gpt"] + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(cwd), env=env)
+
+
+def _error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.timeout(120)
+def test_entry_point_reports_one_line_per_error(tmp_path):
+    # A config error (before any process group) ...
+    out = _run_entry_point(MOCK + ["--hidden-size", "66"], tmp_path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: --hidden-size (66) must be divisible by --num-attention-heads (4)"]
+
+    # ... and a bad tokenizer file found after the process group is up.
+    (tmp_path / "d.bin").write_bytes(b"")
+    (tmp_path / "d.idx").write_bytes(b"")
+    (tmp_path / "vocab.json").write_text("this is not json")
+    out = _run_entry_point(["--data-path", str(tmp_path / "d"), "--vocab-file", str(tmp_path / "vocab.json"),
+                            "--merge-file", os.path.join(TOKENIZER, "merges.txt")], tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "vocab.json" in lines[0], lines
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_error_printed_once(tmp_path):
+    """Under torchrun every rank exits non-zero; only rank 0 prints the message."""
+    out = _run_entry_point(MOCK + tp(2) + ["--num-attention-heads", "3", "--hidden-size", "63"], tmp_path, nproc=2)
+    assert out.returncode != 0
+    assert _error_lines(out.stderr) == [
+        "error: --num-attention-heads (3) must be divisible by --tensor-model-parallel-size (2)"]
+    assert "exitcode  : 2" in out.stderr  # torchrun's own summary names the workers' status
