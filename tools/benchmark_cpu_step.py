@@ -190,11 +190,12 @@ def main(argv=None):
           f"{flops / 1e9:.1f} GFLOP per step")
     print(f"{'layout':40s} {'thr':>3s} {'step s':>8s} {'plain s':>8s} {'ours/plain':>10s} {'tokens/s':>9s} "
           f"{'GFLOP/s':>8s} {'matmul GFLOP/s':>14s} {'of matmul':>9s}")
+    cols = [("ours_step_s", 8, ".3f"), ("plain_step_s", 8, ".3f"), ("ours_vs_plain", 10, ".3f"),
+            ("tokens_per_s", 9, ".0f"), ("achieved_gflops", 8, ".1f"), ("matmul_gflops", 14, ".1f"),
+            ("fraction_of_matmul", 9, ".1%")]
     for r in rows:
-        f = lambda k, fmt: (format(r[k], fmt) if k in r else "-")  # noqa: E731
-        print(f"{r['layout']:40s} {r['threads']:>3d} {f('ours_step_s', '8.3f')} {f('plain_step_s', '>8.3f')} "
-              f"{f('ours_vs_plain', '>10.3f')} {r['tokens_per_s']:>9.0f} {r['achieved_gflops']:>8.1f} "
-              f"{f('matmul_gflops', '>14.1f')} {f('fraction_of_matmul', '>9.2%')}")
+        cells = [format(r[k], f">{w}{fmt}") if k in r else format("-", f">{w}") for k, w, fmt in cols]
+        print(f"{r['layout']:40s} {r['threads']:>3d} " + " ".join(cells))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output + ".tmp", "w") as fh:
         json.dump({"config": vars(args), "gflop_per_step": flops / 1e9, "rows": rows}, fh, indent=2)
