@@ -16,7 +16,7 @@ CHECKPOINT_PATH="${CHECKPOINT_PATH:-checkpoints/gpt1.3b-multinode}"
 ARGS=(
   --tensor-model-parallel-size 4 --pipeline-model-parallel-size 2 --sequence-parallel
   --num-layers-per-virtual-pipeline-stage 6
-  --use-distributed-optimizer --distributed-timeout-minutes 30
+  --distributed-timeout-minutes 30
   --num-layers 24 --hidden-size 2048 --num-attention-heads 16
   --seq-length 2048 --max-position-embeddings 2048
   --micro-batch-size 2 --global-batch-size 512

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPT-1.3B (24 layers, hidden 2048, 16 heads) on one node of 8 GPUs: TP=4 x DP=2, sequence parallel,
-# distributed optimizer, bf16. TP groups are consecutive ranks, so they stay inside the node.
+# bf16. TP groups are consecutive ranks, so they stay inside the node.
 #   DATA_PATH=... VOCAB_FILE=... MERGE_FILE=... bash examples/pretrain_gpt_1.3b_tp4_8gpu.sh
 # DRY_RUN=1 validates the flags (with WORLD_SIZE=8) without starting training.
 set -euo pipefail
@@ -11,7 +11,6 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 
 ARGS=(
   --tensor-model-parallel-size 4 --pipeline-model-parallel-size 1 --sequence-parallel
-  --use-distributed-optimizer
   --num-layers 24 --hidden-size 2048 --num-attention-heads 16
   --seq-length 2048 --max-position-embeddings 2048
   --micro-batch-size 4 --global-batch-size 256

@@ -5,12 +5,12 @@
 #   bash examples/quickstart.sh                 # demo corpus from the Python standard library's docstrings
 #   bash examples/quickstart.sh my_corpus.jsonl # your own JSONL, one {"text": ...} per line
 #
-# Environment: WORK_DIR (default work_dirs/quickstart), TRAIN_ITERS (default 300), NPROC (default 2).
+# Environment: WORK_DIR (default work_dirs/quickstart), TRAIN_ITERS (default 1000), NPROC (default 2).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 WORK="${WORK_DIR:-$ROOT/work_dirs/quickstart}"
-TRAIN_ITERS="${TRAIN_ITERS:-300}"
+TRAIN_ITERS="${TRAIN_ITERS:-1000}"
 NPROC="${NPROC:-2}"
 CORPUS="${1:-}"
 mkdir -p "$WORK"
@@ -53,7 +53,7 @@ rm -rf "$WORK/checkpoints"
   --hidden-dropout 0.0 --attention-dropout 0.0 \
   --data-path "$WORK/demo_text_document" --split 949,50,1 \
   --vocab-file "$WORK/tokenizer/vocab.json" --merge-file "$WORK/tokenizer/merges.txt" \
-  --log-interval 20 --eval-interval 100 --eval-iters 5 \
+  --log-interval 50 --eval-interval 250 --eval-iters 5 \
   --save "$WORK/checkpoints" --save-interval "$TRAIN_ITERS" \
   --metrics-jsonl "$WORK/metrics.jsonl" --tensorboard-dir "$WORK/tensorboard"
 

@@ -111,7 +111,6 @@ class DataConfig:
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
     tokenizer_model: Optional[str] = None
-    num_workers: int = 0
     mock_data: bool = False
 
 
@@ -151,9 +150,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        return cls(model=ModelConfig(**d["model"]), parallel=ParallelConfig(**d["parallel"]),
-                   optim=OptimizerConfig(**d["optim"]), data=DataConfig(**d["data"]),
-                   train=TrainConfig(**d["train"]))
+        """Inverse of to_dict; keys this version does not know (from an older or newer run) are dropped."""
+        def build(sub_cls, values):
+            known = {f.name for f in fields(sub_cls)}
+            return sub_cls(**{k: v for k, v in values.items() if k in known})
+        return cls(model=build(ModelConfig, d["model"]), parallel=build(ParallelConfig, d["parallel"]),
+                   optim=build(OptimizerConfig, d["optim"]), data=build(DataConfig, d["data"]),
+                   train=build(TrainConfig, d["train"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,7 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
     g.add_argument("--tokenizer-model", default=None)
-    g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--mock-data", action="store_true", help="random tokens instead of --data-path")
 
     g = p.add_argument_group("training, logging, checkpoints")
@@ -395,6 +397,12 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
              f"({t.global_batch_size}) / (--micro-batch-size ({t.micro_batch_size}) x DP ({dp}))) as "
              f"--pipeline-model-parallel-size ({pp}); raise --global-batch-size to >= "
              f"{pp * t.micro_batch_size * dp}")
+
+    for flag, on in (("--use-distributed-optimizer", par.use_distributed_optimizer),
+                     ("--overlap-grad-reduce", par.overlap_grad_reduce),
+                     ("--ddp-bucket-size", par.ddp_bucket_size is not None)):
+        need(not on, f"{flag} is not implemented yet (ZeRO-1 and bucketed, overlapped gradient reduction "
+                     "are on the roadmap); drop the flag: data parallelism all-reduces gradients after backward")
 
     # Optimizer and schedule.
     need(o.lr_decay_iters is None or o.lr_decay_iters >= 1, "--lr-decay-iters must be >= 1")

@@ -29,6 +29,24 @@ def _user_error_types():
             ParallelConfigError, DataExhaustedError, FileNotFoundError)
 
 
+def dry_run(cfg) -> int:
+    """Validate the flags at this world size (WORLD_SIZE, default 1) and print the layout; no training."""
+    from megatron_lite.config import validate
+    from megatron_lite.model.flops import count_parameters
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world)
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if m.vocab_size is None:
+        m.vocab_size = 50257  # GPT-2's, for the parameter count only: the tokenizer is not read here
+    params = count_parameters(m)
+    print(f"dry run: flags valid for world size {world}: TP={p.tensor_model_parallel_size} "
+          f"PP={p.pipeline_model_parallel_size} DP={p.data_parallel_size} schedule={p.pipeline_schedule}; "
+          f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, seq {m.seq_length} "
+          f"(~{params / 1e9:.2f}B parameters); micro-batch {t.micro_batch_size}, global batch "
+          f"{t.global_batch_size}, {t.train_iters} iterations")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from megatron_lite.config import parse_args
     from megatron_lite.parallel.state import destroy_parallel
@@ -36,6 +54,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cfg = parse_args(argv)  # argparse reports unknown flags itself (exit 2, usage line)
     try:
+        if cfg.train.dry_run:
+            return dry_run(cfg)
         pretrain(cfg)
     except _user_error_types() as e:
         if int(os.environ.get("RANK", "0")) == 0:

@@ -133,3 +133,10 @@ def test_torchrun_error_printed_once(tmp_path):
     assert _error_lines(out.stderr) == [
         "error: --num-attention-heads (3) must be divisible by --tensor-model-parallel-size (2)"]
     assert "exitcode  : 2" in out.stderr  # torchrun's own summary names the workers' status
+
+
+@pytest.mark.parametrize("flag", [["--use-distributed-optimizer"], ["--overlap-grad-reduce"], ["--ddp-bucket-size", "1000"]])
+def test_roadmap_flags_are_refused_not_ignored(flag):
+    cfg = parse_args(["--mock-data", "--vocab-size", "128", *flag])
+    with pytest.raises(ConfigError, match=flag[0]):
+        validate(cfg, 1)

@@ -12,7 +12,6 @@ Measures, in one run:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -26,6 +25,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_lite.config import ModelConfig, pad_vocab_size  # noqa: E402
+from megatron_lite.io_utils import write_json_atomic  # noqa: E402
 from megatron_lite.model.flops import num_floating_point_operations  # noqa: E402
 
 
@@ -196,10 +196,7 @@ def main(argv=None):
     for r in rows:
         cells = [format(r[k], f">{w}{fmt}") if k in r else format("-", f">{w}") for k, w, fmt in cols]
         print(f"{r['layout']:40s} {r['threads']:>3d} " + " ".join(cells))
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".tmp", "w") as fh:
-        json.dump({"config": vars(args), "gflop_per_step": flops / 1e9, "rows": rows}, fh, indent=2)
-    os.replace(args.output + ".tmp", args.output)
+    write_json_atomic(args.output, {"config": vars(args), "gflop_per_step": flops / 1e9, "rows": rows}, indent=2)
     print(f"wrote {args.output}")
     return 0 if all(math.isfinite(r["ours_step_s"]) for r in rows) else 1
 

@@ -11,7 +11,6 @@ before the build, and the build's peak of traced allocations (tracemalloc sees n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -24,6 +23,7 @@ import tracemalloc
 import numpy as np
 
 from megatron_lite.data.gpt_dataset import build_sample_indices, load_or_build_cached
+from megatron_lite.io_utils import write_json_atomic
 
 MiB = 1024 * 1024
 
@@ -128,12 +128,7 @@ def main(argv=None) -> int:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        tmp = f"{args.output}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.output)
+        write_json_atomic(args.output, result, indent=2)
         print(f"wrote {args.output}")
     return 0
 

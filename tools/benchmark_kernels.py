@@ -22,7 +22,6 @@ Without a CUDA device it prints "no CUDA device: nothing measured", writes nothi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from megatron_lite.io_utils import write_json_atomic  # noqa: E402
 from megatron_lite.kernels.fused_softmax import (fused_scale_mask_softmax, scale_mask_softmax_reference,  # noqa: E402
                                                  triton_importable)
 
@@ -185,11 +185,7 @@ def main(argv=None) -> int:
         result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                   "triton": __import__("triton").__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "copy_bandwidth_gbs": copy_gbs, "args": vars(args), "rows": rows}
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.output)
+        write_json_atomic(args.output, result, indent=1)
         print(f"wrote {args.output}")
     return 0
 

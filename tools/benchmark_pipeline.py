@@ -29,6 +29,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
+from megatron_lite.io_utils import write_json_atomic
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -182,11 +184,7 @@ def main(argv=None) -> int:
                               num_attention_heads=args.num_attention_heads, seq_length=args.seq_length,
                               micro_batch_size=args.micro_batch_size, vocab_size=args.vocab_size),
                    iters=args.iters, warmup_iters=args.warmup_iters, results=rows)
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.output)
+        write_json_atomic(args.output, out, indent=1)
         print(f"wrote {args.output}")
     return 0
 

@@ -12,7 +12,6 @@ byte-identical. Defaults to the committed test tokenizer; pass --vocab-file/--me
 import argparse
 import filecmp
 import glob
-import json
 import os
 import platform
 import re
@@ -24,6 +23,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a clone without `pip install -e .`
+    sys.path.insert(0, ROOT)
+
+from megatron_lite.io_utils import write_json_atomic  # noqa: E402
+
 PREPROCESS = os.path.join(ROOT, "tools", "preprocess_data.py")
 FIXTURE_TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "tokenizer")
 SUMMARY = re.compile(r"^done: (.*)$", re.M)
@@ -173,12 +177,7 @@ def main(argv=None):
                   worker_scaling=scaling, loadavg_before=load_before, loadavg_after=load_after,
                   cpu_count=os.cpu_count(), machine=platform.platform(), vocab_file=_shown(args.vocab_file),
                   merge_file=_shown(args.merge_file), size_mb=args.size_mb, python_slice_mb=args.python_mb)
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = args.output + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.output)
+    write_json_atomic(args.output, result, indent=2)
     print(f"wrote {args.output}")
     if args.work_dir is None:
         shutil.rmtree(work)

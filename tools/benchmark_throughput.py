@@ -22,7 +22,6 @@ higher kept (a peak read low while the device is busy would inflate MFU). A data
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from megatron_lite.config import ModelConfig, OptimizerConfig, pad_vocab_size  # noqa: E402
+from megatron_lite.io_utils import write_json_atomic  # noqa: E402
 from megatron_lite.model.flops import count_parameters, num_floating_point_operations  # noqa: E402
 from megatron_lite.parallel.state import ParallelState  # noqa: E402
 from megatron_lite.training.metrics import memory_stats, throughput  # noqa: E402
@@ -270,11 +270,7 @@ def main(argv=None) -> int:
         result = {"device": device_name, "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "peak_tflops": peak, "peak_source": peak_src, "datasheet_tflops": sheet,
                   "datasheet_source": sheet_src, "args": vars(args), "rows": rows}
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.output)
+        write_json_atomic(args.output, result, indent=1)
         print(f"wrote {args.output}")
     return 0
 

@@ -74,7 +74,7 @@ def greedy(model, tokenizer, prompt: str, max_new: int, seq_length: int) -> str:
 @torch.no_grad()
 def evaluate(model, cfg: Config, prefix: str, eval_iters: int, eod: int) -> float:
     from megatron_lite.data.gpt_dataset import build_train_valid_test_datasets
-    from megatron_lite.model.gpt import get_ltor_masks_and_position_ids
+    from megatron_lite.model.masks import get_ltor_masks_and_position_ids
     bs = cfg.train.micro_batch_size
     _, valid, _ = build_train_valid_test_datasets(
         [prefix], cfg.data.split, cfg.model.seq_length, cfg.train.seed, (0, eval_iters * bs, 0),

@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_lite.cli import report_cli_error  # noqa: E402
 from megatron_lite.data.indexed_dataset import (IndexedDataset, IndexedDatasetBuilder,  # noqa: E402
                                                 IndexedDatasetError, data_file_path, index_file_path)
 
@@ -96,15 +97,8 @@ def main(argv=None) -> int:
     try:
         prefixes = resolve_inputs(args.input, args.output_prefix)
         stats = merge(prefixes, args.output_prefix)
-    except (CliError, IndexedDatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
+    except (CliError, IndexedDatasetError, OSError, KeyboardInterrupt) as e:
+        return report_cli_error(e)
     print(f"merged {stats['shards']} shards into {args.output_prefix}: documents={stats['documents']} "
           f"sequences={stats['sequences']} tokens={stats['tokens']}")
     return 0

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_lite.cli import report_cli_error  # noqa: E402
 from megatron_lite.data.indexed_dataset import (IndexedDatasetBuilder, best_dtype,  # noqa: E402
                                                 data_file_path, index_file_path)
 
@@ -322,12 +323,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         stats = run(args)
-    except CliError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
+    except (CliError, KeyboardInterrupt) as e:
+        return report_cli_error(e)
     print(format_summary(stats), flush=True)
     return 0
 

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a clone without `pip install -e .`
     sys.path.insert(0, ROOT)
 
+from megatron_lite.cli import report_cli_error  # noqa: E402
 from megatron_lite.data.tokenizer import EOD_TOKEN, GPT2BPETokenizer, TokenizerError  # noqa: E402
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -199,15 +200,8 @@ def main(argv=None) -> int:
         check_args(args)
         tok, progress = train(args)
         vocab_size = write_outputs(tok, args.output_dir, first_text(args.input, args.json_keys))
-    except (InputError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
+    except (InputError, TokenizerError, OSError, KeyboardInterrupt) as e:
+        return report_cli_error(e)
     merges = vocab_size - MIN_VOCAB
     note = "" if vocab_size == args.vocab_size else \
         f" (asked for {args.vocab_size}: no more pairs reach --min-frequency {args.min_frequency})"

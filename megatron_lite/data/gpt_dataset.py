@@ -20,12 +20,12 @@ import math
 import os
 import re
 import sys
-import uuid
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_lite.data.indexed_dataset import IndexedDataset, dataset_exists
+from megatron_lite.io_utils import atomic_open, atomic_write_text
 
 FORMAT_VERSION = 1
 # Megatron-LM: a final epoch contributing fewer than 80% of an epoch's samples is shuffled
@@ -141,17 +141,6 @@ def description_hash(description: dict) -> str:
     return hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
-def _save_atomic(path: str, write: Callable) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _distributed():
     """torch.distributed when a process group is up, else None (torch is never imported here)."""
     torch = sys.modules.get("torch")
@@ -184,10 +173,10 @@ def load_or_build_cached(cache_dir: Optional[str], kind: str, description: dict,
             raise GPTDatasetError(f"the index cache directory {cache_dir} is not writable; "
                                   "pass --data-cache-path DIR on a writable disk")
         for name, array in zip(names, build()):
-            _save_atomic(paths[name], lambda f, a=array: np.save(f, a, allow_pickle=False))
-        text = json.dumps(description, indent=2, sort_keys=True).encode()
-        _save_atomic(os.path.join(cache_dir, f"{digest}-{kind}-description.json"),
-                     lambda f: f.write(text))
+            with atomic_open(paths[name], "wb") as f:
+                np.save(f, array, allow_pickle=False)
+        atomic_write_text(os.path.join(cache_dir, f"{digest}-{kind}-description.json"),
+                          json.dumps(description, indent=2, sort_keys=True))
 
     def cached() -> bool:
         return all(os.path.isfile(p) for p in paths.values())

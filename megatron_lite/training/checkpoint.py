@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_lite.io_utils import atomic_path, atomic_write_text
 from megatron_lite.parallel.random import get_rng_tracker
 from megatron_lite.parallel.state import ParallelState, get_parallel_state
 
@@ -51,15 +52,6 @@ def read_latest_iteration(root: str) -> Optional[int]:
         return int(text)
     except ValueError:
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:
@@ -113,13 +105,12 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List[torch.nn.Modul
         if lr_scheduler is not None:
             state["opt_param_scheduler"] = lr_scheduler.state_dict()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
     if dist.is_initialized():
         dist.barrier()
     if ps.rank == 0:
-        _atomic_write_text(os.path.join(root, TRACKER_FILE), str(iteration))
+        atomic_write_text(os.path.join(root, TRACKER_FILE), str(iteration), fsync=True)
     if dist.is_initialized():
         dist.barrier()
     return path

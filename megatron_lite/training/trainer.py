@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config, pad_vocab_size, validate
+from megatron_lite.model.gpt import build_model_chunks, virtual_pipeline_size
 from megatron_lite.optim.clip import param_is_shared_duplicate, param_is_tp_duplicate
 from megatron_lite.optim.lr_schedule import build_lr_scheduler
 from megatron_lite.optim.optimizer import build_optimizer
@@ -102,7 +103,6 @@ class Trainer:
     def __init__(self, cfg: Config, pstate):
         from megatron_lite.data.gpt_dataset import build_pretraining_datasets
         from megatron_lite.model.flops import num_floating_point_operations, recomputed_layer_count
-        from megatron_lite.model.gpt import build_model_chunks
         from megatron_lite.parallel.random import model_parallel_seed
         from megatron_lite.parallel.schedules import get_forward_backward_func
 
@@ -307,13 +307,6 @@ class Trainer:
             self.writer.close()
 
 
-def num_virtual_stages(cfg: Config) -> Optional[int]:
-    vpl = cfg.parallel.num_layers_per_virtual_pipeline_stage
-    if vpl is None:
-        return None
-    return cfg.model.num_layers // cfg.parallel.pipeline_model_parallel_size // vpl
-
-
 def pretrain(cfg: Config, world_size: Optional[int] = None) -> TrainSummary:
     """Validate, build the layout and the run, train; returns the summary. Leaves the process group up
     (the caller may run another layout in the same processes; the entry point tears it down)."""
@@ -323,7 +316,7 @@ def pretrain(cfg: Config, world_size: Optional[int] = None) -> TrainSummary:
     validate(cfg, world_size)  # before any process group: a bad flag fails fast on every rank
     par = cfg.parallel
     pstate = initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                                 backend=par.distributed_backend, virtual_pipeline=num_virtual_stages(cfg),
+                                 backend=par.distributed_backend, virtual_pipeline=virtual_pipeline_size(cfg),
                                  timeout_minutes=par.distributed_timeout_minutes)
     trainer = Trainer(cfg, pstate)
     try:
