@@ -38,8 +38,12 @@ def synthetic_lengths(num_documents: int, num_tokens: int, seed: int) -> np.ndar
     short = num_tokens - int(lengths.sum(dtype=np.int64))  # correct the total one token at a time
     if short > 0:
         np.add.at(lengths, rng.integers(0, num_documents, short), 1)
-    elif short < 0:
-        lengths[rng.choice(np.flatnonzero(lengths > 1), -short, replace=False)] -= 1
+    excess = -short
+    while excess > 0:  # a few rounds at most: each takes one token from up to every document longer than 1
+        candidates = np.flatnonzero(lengths > 1)
+        take = min(excess, len(candidates))
+        lengths[rng.choice(candidates, take, replace=False)] -= 1
+        excess -= take
     return lengths
 
 
