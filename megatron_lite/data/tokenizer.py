@@ -6,11 +6,12 @@ id), ``tokenize(text)``, ``tokenize_batch(texts)``, ``detokenize(ids)``, ``vocab
 GPT2BPETokenizer has two interchangeable paths over the same vocab.json/merges.txt:
 - ``fast=False``: byte-level BPE in pure Python, the algorithm of OpenAI's GPT-2 ``encoder.py`` and
   Megatron-LM's ``gpt2_tokenization.py`` (same pre-tokenizer regex, merge ranks, unknown-free output).
-- ``fast=True`` (default): the merges run in the ``tokenizers`` library (Rust), once per distinct
-  pre-token, and the ids of each pre-token are cached. The pre-tokenizer split is still done by the same
-  ``regex`` pattern in Python, because the Rust library's regex engine has an older Unicode table and
-  splits differently around ~17k code points assigned in recent Unicode versions; sharing the split
-  makes the two paths give identical ids by construction.
+- ``fast=True`` (default): the text is cut into words at every whitespace character that precedes a
+  non-space one (no pre-token crosses such a cut, see ``_tokenize_words``); each distinct word is
+  split by the same ``regex`` pattern once, its new pre-tokens are merged in one batch by the
+  ``tokenizers`` library (Rust), and the word's ids are cached. The split stays in Python because the
+  Rust library's regex engine has an older Unicode table and splits differently around ~17k code
+  points assigned in recent Unicode versions; sharing the split makes both paths give identical ids.
 As in Megatron-LM, ``<|endoftext|>`` appearing in raw text is plain text (it splits into ``<|``,
 ``endoftext``, ``|>``); only the ``eod`` id appended by the data pipeline marks a document end.
 """
@@ -158,6 +159,8 @@ class GPT2BPETokenizer:
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         self._cache: Dict[str, Tuple[str, ...]] = {}  # BPE symbols -> merged symbols (pure path)
         self._piece_ids: Dict[str, List[int]] = {}  # raw pre-token -> ids (fast path)
+        self._words: Dict[str, List[int]] = {}  # word (see _tokenize_words) -> ids (fast path)
+        self._word_split = regex.compile(r"(?=\s\S)").split
         self._fast = self._build_fast(merges) if self.fast else None
 
     def _token_bytes(self, token: str) -> bytes:
@@ -237,26 +240,47 @@ class GPT2BPETokenizer:
                 cache[piece] = enc.ids
         return cache
 
+    def _tokenize_words(self, text: str) -> List[int]:
+        """Cut the text before every whitespace character that precedes a non-space one, and look each
+        resulting word up whole.
+
+        No piece of GPT2_SPLIT_PATTERN crosses such a cut: a space there opens the next piece
+        (' ?\\p{L}+' and its siblings), another whitespace character becomes a piece of its own
+        ('\\s+'), and a whitespace run before it ends at the cut ('\\s+(?!\\S)' backs off by one).
+        So ids(text) is the concatenation of ids(word) over the words, and each distinct word is
+        split and merged once; runs of spaces stay inside a word, where the piece path handles them.
+        """
+        words = self._word_split(text)
+        try:
+            return list(chain.from_iterable(map(self._words.__getitem__, words)))
+        except KeyError:
+            self._learn_words(words)
+            return list(chain.from_iterable(map(self._words.__getitem__, words)))
+
+    def _learn_words(self, words: Iterable[str]) -> None:
+        cache, distinct = self._words, set(words)
+        missing = [w for w in distinct if w not in cache]
+        if len(cache) + len(missing) > _BPE_CACHE_LIMIT:
+            cache.clear()
+            missing = list(distinct)  # everything this call needs, not only the new ones
+        split = [self.pattern.findall(w) for w in missing]
+        ids = self._ids_of_pieces(chain.from_iterable(split)).__getitem__  # one Rust batch for all new pieces
+        for word, pieces in zip(missing, split):
+            cache[word] = list(chain.from_iterable(map(ids, pieces)))
+
     # -- public interface ---------------------------------------------------------------------
     def tokenize(self, text: str) -> List[int]:
         if not isinstance(text, str):
             raise TypeError(f"tokenize expects str, got {type(text).__name__}")
         if self._fast is None:
             return self._tokenize_pure(text)
-        pieces = self.pattern.findall(text)
-        lookup = self._piece_ids.__getitem__
-        try:  # the common case: every pre-token seen before, no per-call set or Rust round trip
-            return list(chain.from_iterable(map(lookup, pieces)))
-        except KeyError:
-            return list(chain.from_iterable(map(self._ids_of_pieces(pieces).__getitem__, pieces)))
+        return self._tokenize_words(text)
 
     def tokenize_batch(self, texts: Iterable[str]) -> List[List[int]]:
         texts = list(texts)
         if self._fast is None:
             return [self.tokenize(t) for t in texts]
-        split = [self.pattern.findall(t) for t in texts]
-        ids = self._ids_of_pieces(chain.from_iterable(split)).__getitem__
-        return [list(chain.from_iterable(map(ids, pieces))) for pieces in split]
+        return [self._tokenize_words(t) for t in texts]
 
     def detokenize(self, ids) -> str:
         """Bytes of the tokens, decoded as UTF-8 with 'replace' (Megatron-LM's errors='replace')."""
