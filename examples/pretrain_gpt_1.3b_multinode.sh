@@ -28,9 +28,10 @@ ARGS=(
   --save "$CHECKPOINT_PATH" --load "$CHECKPOINT_PATH"
   --tensorboard-dir "$CHECKPOINT_PATH/tensorboard" --metrics-jsonl "$CHECKPOINT_PATH/metrics.jsonl"
 )
-if [ "${DRY_RUN:-0}" = 1 ]; then
-  WORLD_SIZE=$((NNODES * GPUS_PER_NODE)) exec "${PYTHON:-python3}" -m megatron_lite.pretrain_gpt "${ARGS[@]}" --dry-run
-fi
+# Check the flags at the real world size first: a bad combination is one "error:" line here,
+# not a failure inside every torchrun worker.
+WORLD_SIZE=$((NNODES * GPUS_PER_NODE)) "${PYTHON:-python3}" -m megatron_lite.pretrain_gpt "${ARGS[@]}" --dry-run
+[ "${DRY_RUN:-0}" = 1 ] && exit 0
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" \
   --rdzv_id "${SLURM_JOB_ID:-megatron_lite}" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \
   -m megatron_lite.pretrain_gpt "${ARGS[@]}"
