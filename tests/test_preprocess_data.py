@@ -157,6 +157,7 @@ BAD_LINES = [
     '["a", "list"]',                     # line 3: not an object
     '{"body": "no text key"}',           # line 4: missing key
     '{"text": 42}',                      # line 5: not a string
+    '{"text": "bad \\ud800 half"}',      # line 6: valid JSON, but a lone surrogate is no text
     '{"text": "good two"}',
 ]
 
@@ -166,12 +167,13 @@ def test_bad_lines_are_reported_with_file_and_line_and_skipped(tmp_path, tokeniz
     path.write_text("\n".join(BAD_LINES) + "\n", encoding="utf-8")
     proc = run_tool("--input", path, "--output-prefix", tmp_path / "out", *tokenizer_args(tokenizer_files))
     for lineno, words in ((2, "malformed JSON"), (3, "not a JSON object"), (4, "missing key 'text'"),
-                          (5, "value of key 'text' is not a string (got int)")):
+                          (5, "value of key 'text' is not a string (got int)"),
+                          (6, "value of key 'text' is not valid Unicode (surrogates not allowed")):
         assert f"{path}:{lineno}: {words}" in proc.stderr
-    assert f"{path}:1:" not in proc.stderr and f"{path}:6:" not in proc.stderr
+    assert f"{path}:1:" not in proc.stderr and f"{path}:7:" not in proc.stderr
     tok = reference_tokenizer(tokenizer_files)
     good_tokens = len(tok.tokenize("good one")) + len(tok.tokenize("good two"))
-    assert summary(proc) == dict(documents=2, skipped=4, tokens=good_tokens)
+    assert summary(proc) == dict(documents=2, skipped=5, tokens=good_tokens)
     _, docs = read_documents(str(tmp_path / "out_text_document"))
     assert docs == [tok.tokenize("good one"), tok.tokenize("good two")]
 

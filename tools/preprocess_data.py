@@ -147,6 +147,10 @@ def _parse_line(raw: bytes, keys):
             return None, f"missing key {key!r}"
         if not isinstance(obj[key], str):
             return None, f"value of key {key!r} is not a string (got {type(obj[key]).__name__})"
+        try:
+            obj[key].encode("utf-8")
+        except UnicodeEncodeError as e:  # valid JSON ("\ud800"), but no text: a lone surrogate
+            return None, f"value of key {key!r} is not valid Unicode ({e.reason} at character {e.start})"
         texts[key] = obj[key]
     return texts, None
 

@@ -66,6 +66,15 @@ def _is_key(table: dict, key) -> bool:
         return False
 
 
+def _check_encodable(text: str) -> None:
+    """A str holding a lone surrogate (valid in JSON as "\\ud800") is not text: one clear ValueError,
+    as the pure-Python path raises, instead of a TypeError from inside the Rust library."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode: {e.reason} at character {e.start}") from None
+
+
 def _ids_from_any(ids) -> List[int]:
     # Accept lists, tuples, numpy arrays and torch tensors; tensors hash by identity, so convert.
     return ids.tolist() if hasattr(ids, "tolist") else list(ids)
@@ -250,6 +259,7 @@ class GPT2BPETokenizer:
         So ids(text) is the concatenation of ids(word) over the words, and each distinct word is
         split and merged once; runs of spaces stay inside a word, where the piece path handles them.
         """
+        _check_encodable(text)
         words = self._word_split(text)
         try:
             return list(chain.from_iterable(map(self._words.__getitem__, words)))
@@ -347,12 +357,15 @@ class HuggingFaceTokenizer:
     def tokenize(self, text: str) -> List[int]:
         if not isinstance(text, str):
             raise TypeError(f"tokenize expects str, got {type(text).__name__}")
+        _check_encodable(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def tokenize_batch(self, texts: Iterable[str]) -> List[List[int]]:
         texts = list(texts)
         if not texts:
             return []
+        for text in texts:
+            _check_encodable(text)
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def detokenize(self, ids) -> str:
