@@ -15,7 +15,7 @@ NPROC="${NPROC:-2}"
 CORPUS="${1:-}"
 mkdir -p "$WORK"
 
-echo "== 1/6 install (virtual environment at .venv; torch pinned to the CPU wheel)"
+echo "== 1/6 install (virtual environment at .venv; torch pinned to 2.13.0)"
 VENV="${MEGATRON_LITE_VENV:-$ROOT/.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
