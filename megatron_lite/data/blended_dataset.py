@@ -1,55 +1,79 @@
 """Several datasets mixed by weight into one stream of a fixed size (Megatron-LM's blending).
 
-Position i of the stream takes the next unused sample of the dataset furthest behind its
-share: argmax_k weight_k * (i + 1) - count_k, ties to the lower index. Every prefix of the
-stream then holds each dataset's share to within one sample for two datasets (provably:
-count_0(n) = floor(w_0 n + 1/2)) and, as tested, for three; with four or more tiny weights
-the greedy can overshoot by a fraction of a sample, as Megatron-LM's helpers.cpp does.
+Which dataset serves each position is an apportionment: after every prefix of t positions,
+dataset k has served count_k(t) samples with |count_k(t) - w_k * t| <= 1 - 1/(2m - 2), where
+m >= 2 is the number of datasets of non-zero weight, so every share is exact to within one
+sample at every point of the stream, for any number of datasets. Datasets of weight 0 are
+never chosen. Two datasets use the closed form count_0(t) = floor(w_0 t + 1/2) (bound 1/2);
+more use Tijdeman's chairman-assignment rule (R. Tijdeman, "The chairman assignment
+problem", Discrete Mathematics 32, 1980), which meets the bound above. Megatron-LM's own
+rule (helpers.cpp: the dataset furthest behind, argmax_k w_k t - count_k) does not: it
+overshoots one sample from four datasets up (about 1.26 at eight with random weights).
 """
 from __future__ import annotations
 
+import heapq
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_lite.data.gpt_dataset import FORMAT_VERSION, GPTDatasetError, load_or_build_cached
 
+BLEND_RULE = "tijdeman-1980"  # part of the cache key: indices built by an earlier rule are not reused
 
-# Errors equal in exact arithmetic differ by float rounding (~t * 2e-16); treat such
-# near-ties as ties, won by the lower index, so the two code paths agree on rational weights.
+
+# Quantities equal in exact arithmetic differ by float rounding (~t * 2e-16); this slack makes
+# a boundary case count on the side the exact rule puts it.
 _TIE = 1e-13
 
 
-def _greedy_choices(weights: Sequence[float], size: int) -> np.ndarray:
-    """The dataset chosen at each position, by the greedy rule above.
+def _chairman_choices(weights: Sequence[float], size: int) -> np.ndarray:
+    """The dataset chosen at each position by Tijdeman's rule; weights normalised.
 
-    The rule is sequential (each choice depends on all earlier ones), so this is one tight
-    loop over plain Python floats into a bytearray: about 0.3 us per position for two or
-    three datasets, 1e6 positions in well under a second. The result is cached on disk.
+    With m datasets of non-zero weight and d = 1 - 1/(2m - 2), dataset k's (c+1)-th sample is a
+    unit job that may run at a position t with c + 1 - w_k t <= d (else k would lead its share by
+    more than d) and must run by the last t with w_k t - c <= d (else it would trail by more).
+    Tijdeman proves that serving, at each t, the released job with the earliest such deadline,
+    (c + d) / w_k, never misses one; this is that earliest-deadline-first schedule. Each
+    dataset's jobs release and fall due in order, so it has one job in play at a time: it sits
+    in `waiting` (keyed by release (c + 1 - d) / w_k) or in `ready` (keyed by deadline), two
+    heaps of at most m entries; ties go to the lower index. O(size log m) in plain Python:
+    1e6 positions take about 0.3 s for four datasets, 0.4 s for eight; the result is cached.
     """
     w = [float(x) for x in weights]
+    active = [k for k, x in enumerate(w) if x > 0]
+    if len(active) == 1:
+        return np.full(size, active[0], dtype=np.uint8)
+    d = 1.0 - 1.0 / (2 * len(active) - 2)
+    inverse = [1.0 / x if x > 0 else 0.0 for x in w]
     counts = [0] * len(w)
-    others = range(1, len(w))
+    waiting = [((1.0 - d) * inverse[k], k) for k in active]
+    heapq.heapify(waiting)
+    ready: list = []
+    push, pop = heapq.heappush, heapq.heappop
     out = bytearray(size)
     for i in range(size):
         t = i + 1
-        tol = t * _TIE
-        best, best_err = 0, w[0] * t - counts[0]
-        for k in others:
-            err = w[k] * t - counts[k]
-            if err > best_err + tol:
-                best, best_err = k, err
-        out[i] = best
-        counts[best] += 1
+        released_by = t + t * _TIE
+        while waiting and waiting[0][0] <= released_by:
+            k = pop(waiting)[1]
+            push(ready, ((counts[k] + d) * inverse[k], k))
+        # `ready` is never empty in exact arithmetic (Tijdeman's theorem); should rounding
+        # ever empty it, the job released next is the one that least exceeds the bound.
+        k = pop(ready)[1] if ready else pop(waiting)[1]
+        out[i] = k
+        c = counts[k] + 1
+        counts[k] = c
+        push(waiting, ((c + 1.0 - d) * inverse[k], k))
     return np.frombuffer(bytes(out), dtype=np.uint8)
 
 
 def _two_way_choices(weight0: float, size: int) -> np.ndarray:
-    """The greedy rule for two datasets in closed form, vectorised.
+    """Two datasets in closed form, vectorised: count_0(t) = floor(w0*t + 1/2).
 
-    Before position t = i + 1 the counts sum to i, so dataset 0 leads iff
-    w0*t - c0 >= (1-w0)*t - (i - c0), i.e. c0 <= w0*t - 1/2; by induction
-    c0(t) = floor(w0*t + 1/2) and position i goes to dataset 0 iff c0 steps up there.
+    That is the nearest integer to w0*t (halves rounded up), so both datasets stay within 1/2
+    of their shares, the bound 1 - 1/(2m - 2) for m = 2; it is also what "serve the dataset
+    furthest behind" gives for two. Position i goes to dataset 0 iff count_0 steps up there.
     """
     t = np.arange(size + 1, dtype=np.float64)
     count0 = np.floor(weight0 * t + 0.5 + t * _TIE).astype(np.int64)
@@ -60,7 +84,7 @@ def build_blending_indices(weights: Sequence[float], size: int) -> Tuple[np.ndar
     """(dataset_index int16 [size], dataset_sample_index int64 [size]) for normalised weights."""
     if not 1 <= len(weights) <= 255:
         raise GPTDatasetError(f"blending needs 1 to 255 datasets, got {len(weights)}")
-    choices = _two_way_choices(weights[0], size) if len(weights) == 2 else _greedy_choices(weights, size)
+    choices = _two_way_choices(weights[0], size) if len(weights) == 2 else _chairman_choices(weights, size)
     dataset_index = choices.astype(np.int16)
     # The j-th time dataset k is chosen it serves its sample j: a per-dataset running count.
     sample_index = np.empty(size, dtype=np.int64)
@@ -87,7 +111,7 @@ class BlendedDataset:
         self.weights = (weights / weights.sum()).tolist()
         # The index depends on nothing but the normalised weights and the size.
         self.description = {"class": "BlendedDataset", "format_version": FORMAT_VERSION,
-                            "weights": self.weights, "size": self.size}
+                            "rule": BLEND_RULE, "weights": self.weights, "size": self.size}
         arrays = load_or_build_cached(cache_dir, "BlendedDataset", self.description,
                                       ("dataset_index", "dataset_sample_index"),
                                       lambda: build_blending_indices(self.weights, self.size))

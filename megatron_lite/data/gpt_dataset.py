@@ -1,8 +1,11 @@
 """GPT pretraining samples from indexed shards, with Megatron-LM's index semantics.
 
-A split (a range of documents) is read as one token stream: epoch after epoch, each epoch the
-split's documents in a fresh seeded order. Sample i is stream tokens [i*L, i*L + L] (L =
-seq_length), so consecutive samples share one token and samples run across document ends.
+A split (a range of the indexed dataset's sequences, which this module calls documents) is read
+as one token stream: epoch after epoch, each epoch the split's documents in a fresh seeded order.
+--split, like Megatron-LM's, divides sequences, not the .idx document index: the two coincide for
+shards written by tools/preprocess_data.py, which stores each non-empty document as one sequence.
+Sample i is stream tokens [i*L, i*L + L] (L = seq_length), so consecutive samples share one
+token and samples run across document ends.
 Three arrays say where every sample lives; they are built once with vectorised numpy and cached
 as .npy files named by the md5 of a JSON description of everything that defines them:
 
@@ -206,6 +209,9 @@ def _array_md5(array: np.ndarray) -> str:
 class GPTDataset:
     """Samples of seq_length + 1 tokens over the documents `document_ids` of one shard.
 
+    A "document" here is one sequence of the indexed dataset (ids index `sequence_lengths`),
+    which is one document for shards written by tools/preprocess_data.py.
+
     indexed_dataset needs `sequence_lengths` and `get(i, offset, length)`; with a
     `path_prefix` (an IndexedDataset) the index is cached under cache_dir, by default
     `<dir of prefix>/cache/GPTDataset_indices`.
@@ -302,7 +308,10 @@ def parse_split(split: str) -> List[float]:
 
 
 def split_document_ranges(split: str, num_documents: int) -> List[Tuple[int, int]]:
-    """Megatron-LM's rounding: cumulative round(fraction * n), then shifted so the last ends at n."""
+    """[start, end) ranges of n = len(indexed dataset), i.e. of its sequences, for --split.
+
+    Megatron-LM's rounding: cumulative round(fraction * n), then shifted so the last ends at n.
+    """
     bounds = [0]
     for fraction in parse_split(split):
         bounds.append(bounds[-1] + int(round(fraction * float(num_documents))))
@@ -335,9 +344,11 @@ def build_train_valid_test_datasets(data_path, split: str, seq_length: int, seed
                                     cache_path: Optional[str] = None):
     """(train, valid, test) from --data-path PREFIX or 'W1 PREFIX1 W2 PREFIX2 ...'.
 
-    Each prefix is split by documents on its own; with several prefixes each split is a
+    Each prefix is split on its own by sequences (= documents for tools/preprocess_data.py
+    shards; see split_document_ranges); with several prefixes each split is a
     BlendedDataset of exactly the requested size over the prefixes that have documents in it
-    (weights renormalised). None for a split with no documents or 0 requested samples.
+    (weights renormalised; see blended_dataset for the share bound). None for a split with no
+    documents or 0 requested samples.
     A sample count of None means one epoch (single prefix only).
     """
     from megatron_lite.config import parse_data_path
