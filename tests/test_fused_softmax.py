@@ -7,6 +7,7 @@ Interpreter runs are slow, so shapes are tiny and the multi-block loop is forced
 ``max_block`` instead of long rows.
 """
 import os
+import platform
 import subprocess
 import sys
 
@@ -24,15 +25,33 @@ from megatron_lite.kernels.fused_softmax import (FusedScaleMaskSoftmax, causal_m
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_triton = pytest.mark.skipif(not fs.triton_importable(), reason="triton is not installed")
+# setup.py's test extra installs triton wherever it has wheels (Linux x86-64): missing there, it is a broken
+# install and the kernel tests fail; elsewhere they skip with a reason that says the kernel went untested.
+TRITON_EXPECTED = platform.system() == "Linux" and platform.machine() == "x86_64"
+
+
+def require_triton():
+    if fs.triton_importable():
+        return
+    message = "triton is not importable, so the Triton softmax kernel was NOT tested"
+    if TRITON_EXPECTED:
+        pytest.fail(f"{message}; on Linux x86-64 `pip install -e '.[test]'` installs it", pytrace=False)
+    pytest.skip(f"{message} (no triton wheels for {platform.system()} {platform.machine()})")
+
+
+@pytest.fixture
+def triton_required():
+    require_triton()
+
+
+needs_triton = pytest.mark.usefixtures("triton_required")
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
 @pytest.fixture
 def kernel():
     """fused_scale_mask_softmax, after checking it can run here (GPU, or the CPU interpreter)."""
-    if not fs.triton_importable():
-        pytest.skip("triton is not installed")
+    require_triton()
     if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET was overridden to off and there is no CUDA device")
     mod = sys.modules.get("megatron_lite.kernels.triton_softmax")

@@ -91,6 +91,15 @@ def test_bad_input_names_file_and_line(inputs):
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert not any(os.path.exists(out / n) for n in OUTPUTS)
 
+    # "\ud800" is valid JSON but no text (a lone surrogate); an escaped pair (line 2) is a real emoji.
+    surrogate = tmp / "surrogate.jsonl"
+    surrogate.write_text('{"text": "fine"}\n{"text": "\\ud83d\\ude00 ok"}\n{"text": "bad \\ud800 half"}\n',
+                         encoding="utf-8")
+    r = run_tool("--input", surrogate, "--vocab-size", 300, "--output-dir", out)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"{surrogate}:3: 'text' is not valid Unicode (surrogates not allowed at character 4)" in r.stderr
+    assert not any(os.path.exists(out / n) for n in OUTPUTS)
+
     (tmp / "latin1.txt").write_bytes(b"caf\xe9\n")
     r = run_tool("--input", tmp / "latin1.txt", "--vocab-size", 300, "--output-dir", out)
     assert r.returncode == 1 and "latin1.txt:1: not valid UTF-8" in r.stderr and "Traceback" not in r.stderr

@@ -86,6 +86,11 @@ def read_jsonl(path: str, keys):
                                      f"choose the keys with --json-keys")
                 if not isinstance(obj[key], str):
                     raise InputError(f"{path}:{lineno}: {key!r} holds {type(obj[key]).__name__}, not a string")
+                try:
+                    obj[key].encode("utf-8")
+                except UnicodeEncodeError as e:  # valid JSON ("\ud800") but not text; the trainer would crash
+                    raise InputError(f"{path}:{lineno}: {key!r} is not valid Unicode ({e.reason} at character "
+                                     f"{e.start}); remove the lone surrogate escape from that line") from None
                 yield obj[key], len(raw), 1
 
 

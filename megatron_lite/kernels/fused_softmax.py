@@ -5,10 +5,30 @@ Two paths with identical semantics:
   - ``fused_scale_mask_softmax``: the Triton kernel (``triton_softmax``), forward and backward,
     as one autograd op. It reads scores once and writes probabilities once, instead of the
     reference's separate scale, masked_fill, softmax and cast passes.
-``FusedScaleMaskSoftmax`` picks between them with Megatron-LM's rules: whether the kernel can run
+``FusedScaleMaskSoftmax`` picks between them as Megatron-LM's does (deviations below): whether the kernel can run
 at all (fusion enabled, CUDA present, triton importable) is decided once, at construction; each
 call then checks only the tensor (CUDA, dtype, shape). triton is imported lazily, so this module
 imports and works where triton is absent.
+
+Where the dispatch and semantics deviate from Megatron-LM's FusedScaleMaskSoftmax
+(``is_kernel_available`` and its CUDA kernels ``scaled_upper_triang_masked_softmax`` /
+``scaled_masked_softmax``):
+  - dtype: fp32 scores are fused too; Megatron fuses only fp16/bf16 input and sends fp32 to torch.
+    Both compute in fp32 inside the kernel, so ``softmax_in_fp32`` matters only on the torch path,
+    and any ``scale`` is allowed here (Megatron asserts ``softmax_in_fp32`` when a scale is set).
+  - sk limits: 1 <= sk <= MAX_FUSED_SEQ (16384, the longest row Megatron's CUDA kernel accepts),
+    and sq > 1 (sq == 1 is decoding); Megatron's dispatch takes only 16 < sk <= 4096.
+  - shape divisibility: none. Megatron's warp-per-row CUDA kernel needs sq % 4 == 0, sk % 4 == 0,
+    b * np % 4 == 0 and rows divisible by its batch-per-block in the dispatch (and sk % 8 == 0 at
+    the kernel's entry); the Triton kernel handles any row length (masked loads, and a multi-block
+    loop past ``max_block``) and any number of rows.
+  - causal: the triangle is anchored at the bottom right (``causal_mask``), so sk >= sq works;
+    Megatron's causal kernel requires sq == sk. A bool mask may broadcast over any of b, np, sq, sk
+    (Megatron's padding kernel takes [b|1, 1, sq, sk]) and may be combined with the causal mask.
+  - masking: masked scores become -inf, so a masked key gets exactly 0 and a row with every key
+    masked gives zeros. Megatron fills masked scores with -10000.0 (``attention_mask_func`` on the
+    torch path, and its padding kernel), which gives a fully masked row uniform weights 1/sk and a
+    masked key a nonzero weight when the unmasked scores are themselves near -10000.
 """
 from __future__ import annotations
 
@@ -45,7 +65,7 @@ def scale_mask_softmax_reference(x: torch.Tensor, mask: Optional[torch.Tensor], 
         x = x.masked_fill(full, float("-inf"))
     y = torch.softmax(x, dim=-1)
     if full is not None:
-        y = torch.nan_to_num(y, nan=0.0)  # a row with every key masked: zeros, as Megatron's kernel
+        y = torch.nan_to_num(y, nan=0.0)  # a row with every key masked: zeros, as the Triton kernel gives (Megatron's -10000 fill gives a uniform row)
     return y.to(orig)
 
 

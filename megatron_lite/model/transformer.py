@@ -52,9 +52,46 @@ def output_init_std(config: ModelConfig) -> float:
     return config.init_method_std / math.sqrt(2.0 * config.num_layers)
 
 
-def layer_norm(config: ModelConfig, sequence_parallel: bool, device) -> nn.LayerNorm:
-    ln = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype,
-                      device=device)
+# ---- LayerNorm: apex's fused kernel when it is importable and the model is on CUDA ------------
+
+def _apex_fused_layer_norm():
+    """apex.normalization.FusedLayerNorm, or None where apex (with its CUDA extension) does not import.
+
+    Imported here, never at module top: CPU runs must not import apex. A Python-only apex build has
+    no ``fused_layer_norm_cuda`` and would fail at the first forward, so it counts as absent.
+    """
+    try:
+        from apex.normalization import FusedLayerNorm
+        import fused_layer_norm_cuda  # noqa: F401
+    except Exception:  # ImportError, or a broken build failing while it loads
+        return None
+    return FusedLayerNorm
+
+
+def layernorm_class(device) -> type:
+    """The LayerNorm class for a model on ``device``: apex's FusedLayerNorm (what Megatron-LM uses) when
+    the device is CUDA and apex imports, otherwise torch.nn.LayerNorm. apex is used, never required."""
+    if device is not None and torch.device(device).type == "cuda":
+        fused = _apex_fused_layer_norm()
+        if fused is not None:
+            return fused
+    return nn.LayerNorm
+
+
+def make_layernorm(hidden: int, eps: float, device, dtype, cls: Optional[type] = None) -> nn.Module:
+    """A LayerNorm over ``hidden`` with parameters ``weight`` (ones) and ``bias`` (zeros) on device/dtype.
+
+    ``cls`` defaults to ``layernorm_class(device)``. apex's constructor takes no device or dtype, so its
+    parameters are made on the CPU in fp32 and then moved; both classes compute the same function.
+    """
+    cls = layernorm_class(device) if cls is None else cls
+    if cls is nn.LayerNorm:
+        return nn.LayerNorm(hidden, eps=eps, device=device, dtype=dtype)
+    return cls(hidden, eps=eps).to(device=device, dtype=dtype)
+
+
+def layer_norm(config: ModelConfig, sequence_parallel: bool, device) -> nn.Module:
+    ln = make_layernorm(config.hidden_size, config.layernorm_epsilon, device, config.params_dtype)
     if sequence_parallel:
         # Each TP rank normalises only its sequence chunk, so its weight/bias grads are partial:
         # the trainer all-reduces grads of params carrying this flag over the TP group.
