@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
@@ -38,7 +39,7 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = False
     attention_backend: str = "auto"  # auto | unfused | fused_softmax | sdpa
     masked_softmax_fusion: bool = True
-    attention_softmax_in_fp32: bool = True
+    attention_softmax_in_fp32: bool = False  # Megatron-LM's default: softmax in the input dtype
     recompute_granularity: Optional[str] = None  # full | selective
     recompute_method: Optional[str] = None  # uniform | block
     recompute_num_layers: Optional[int] = None
@@ -182,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--attention-backend", choices=["auto", "unfused", "fused_softmax", "sdpa"], default="auto")
     g.add_argument("--no-masked-softmax-fusion", dest="masked_softmax_fusion", action="store_false")
-    g.add_argument("--attention-softmax-in-fp32", action="store_true", default=True)
+    g.add_argument("--attention-softmax-in-fp32", action="store_true",
+                   help="with --fp16/--bf16, compute the unfused attention softmax in fp32 (fp32 runs are "
+                        "unaffected; the Triton kernel always computes in fp32)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
@@ -312,6 +315,17 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                       ("--micro-batch-size", t.micro_batch_size), ("--train-iters", t.train_iters),
                       ("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)]:
         need(val >= 1, f"{name} must be >= 1, got {val}")
+    for name, val in [("--ffn-hidden-size", m.ffn_hidden_size),
+                      ("--make-vocab-size-divisible-by", m.make_vocab_size_divisible_by),
+                      ("--global-batch-size", t.global_batch_size)]:
+        need(val is None or val >= 1, f"{name} must be >= 1, got {val}")
+    need(m.init_method_std > 0,
+         f"--init-method-std must be > 0 (the std of the normal weight init), got {m.init_method_std}")
+    if par.distributed_backend == "nccl":
+        import torch  # config stays importable without torch for the flag-only paths
+        need(torch.cuda.is_available(),
+             "--distributed-backend nccl needs CUDA, and no CUDA device is available; "
+             "use --distributed-backend gloo (the default without CUDA)")
     need(world_size % (tp * pp) == 0,
          f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
          f"--pipeline-model-parallel-size ({pp}); launch a multiple of {tp * pp} processes")
@@ -319,6 +333,12 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     par.data_parallel_size = dp
     need(m.hidden_size % m.num_attention_heads == 0,
          f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads ({m.num_attention_heads})")
+    if m.position_embedding_type == "rope":
+        head_dim = m.hidden_size // m.num_attention_heads
+        need(head_dim % 2 == 0,
+             f"--position-embedding-type rope rotates pairs of channels, so the head dimension "
+             f"(--hidden-size {m.hidden_size} / --num-attention-heads {m.num_attention_heads} = {head_dim}) "
+             "must be even; change --hidden-size or --num-attention-heads")
     need(m.num_attention_heads % tp == 0,
          f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
          f"--tensor-model-parallel-size ({tp})")
@@ -408,6 +428,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(o.lr_decay_iters is None or o.lr_decay_iters >= 1, "--lr-decay-iters must be >= 1")
     need(o.lr_warmup_fraction is None or o.lr_warmup_iters == 0,
          "--lr-warmup-fraction and --lr-warmup-iters are exclusive; give one")
+    need(o.lr >= 0, f"--lr must be >= 0, got {o.lr}")
+    need(o.min_lr >= 0, f"--min-lr must be >= 0, got {o.min_lr}")
     need(o.min_lr <= o.lr, f"--min-lr ({o.min_lr}) must not exceed --lr ({o.lr})")
     decay_iters = o.lr_decay_iters or t.train_iters
     need(o.lr_warmup_iters <= decay_iters,
@@ -449,4 +471,35 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(t.eval_iters >= 0, f"--eval-iters must be >= 0 (0 disables evaluation), got {t.eval_iters}")
     if t.save_interval is not None:
         need(t.save is not None, "--save-interval needs --save DIR")
+    # Output locations: found unwritable here, not when the first checkpoint is saved hours in.
+    for flag, directory in (("--save", t.save), ("--tensorboard-dir", t.tensorboard_dir)):
+        if directory is not None:
+            _check_output_dir(flag, directory, directory)
+    if t.metrics_jsonl is not None:
+        need(not os.path.isdir(t.metrics_jsonl),
+             f"--metrics-jsonl: {t.metrics_jsonl} is a directory; give a file path")
+        _check_output_dir("--metrics-jsonl", t.metrics_jsonl,
+                          os.path.dirname(os.path.abspath(t.metrics_jsonl)))
     return cfg
+
+
+def _check_output_dir(flag: str, given: str, directory: str) -> None:
+    """``directory`` must exist as a writable directory, or be creatable: its nearest existing
+    ancestor is a writable directory. Writability is probed with a temporary file, because
+    ``os.access`` says yes to root even where the filesystem refuses (read-only mounts, /proc)."""
+    path = os.path.abspath(directory)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not os.path.isdir(path):
+        raise ConfigError(f"{flag}: cannot write {given}: {path} exists and is not a directory; "
+                          "choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".megatron_lite_write_probe_", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot write {given}: {path} is not writable ({e.strerror or e}); "
+                          "choose a writable location") from None

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_lite.config import ConfigError, parse_args, validate
 from megatron_lite.parallel.state import free_port
@@ -56,14 +57,76 @@ BAD = [
      "--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage"),
     (pp(2) + ["--global-batch-size", "2"], 2, "needs at least as many micro-batches (1"),
     (pp(2) + ["--decoder-first-pipeline-num-layers", "5"], 2, "cannot be split evenly"),
+    # numeric ranges
+    (["--make-vocab-size-divisible-by", "0"], 1, "--make-vocab-size-divisible-by must be >= 1, got 0"),
+    (["--init-method-std", "0"], 1, "--init-method-std must be > 0"),
+    (["--init-method-std", "-0.02"], 1, "--init-method-std must be > 0"),
+    (["--global-batch-size", "0"], 1, "--global-batch-size must be >= 1, got 0"),
+    (["--ffn-hidden-size", "0"], 1, "--ffn-hidden-size must be >= 1, got 0"),
+    (["--lr=-1e-4", "--min-lr=-1e-3"], 1, "--lr must be >= 0, got -0.0001"),
+    (["--min-lr=-1e-5"], 1, "--min-lr must be >= 0, got -1e-05"),
+    # hidden 60 / 4 heads = 15: rotary embeddings rotate channel pairs
+    (["--position-embedding-type", "rope", "--hidden-size", "60"], 1,
+     "--position-embedding-type rope rotates pairs of channels, so the head dimension (--hidden-size 60 / "
+     "--num-attention-heads 4 = 15) must be even"),
+    (["--distributed-backend", "nccl"], 1, "--distributed-backend nccl needs CUDA"),
 ]
 
 
 @pytest.mark.parametrize("extra,world,fragment", BAD, ids=[b[2][:40] for b in BAD])
 def test_bad_combination_message(extra, world, fragment):
+    if "nccl" in extra and torch.cuda.is_available():
+        pytest.skip("CUDA is available here, so --distributed-backend nccl is valid")
     with pytest.raises(ConfigError) as info:
         validate(parse_args(MOCK + extra), world)
     assert fragment in str(info.value)
+
+
+def test_rope_with_even_head_dim_and_default_softmax_precision_are_accepted():
+    cfg = validate(parse_args(MOCK + ["--position-embedding-type", "rope", "--hidden-size", "56",
+                                      "--num-attention-heads", "4"]), 1)  # head dim 14
+    assert cfg.model.kv_channels == 14
+    # Megatron-LM's default: the softmax runs in the input dtype unless the flag asks for fp32.
+    assert cfg.model.attention_softmax_in_fp32 is False
+    assert parse_args(MOCK + ["--attention-softmax-in-fp32"]).model.attention_softmax_in_fp32 is True
+
+
+# (flag, path under tmp_path ({file} is an existing regular file), fragment of the message)
+BAD_OUTPUT = [
+    ("--save", "{file}/ckpt", "--save: cannot write {file}/ckpt: {file} exists and is not a directory"),
+    ("--tensorboard-dir", "{file}/tb/run1",
+     "--tensorboard-dir: cannot write {file}/tb/run1: {file} exists and is not a directory"),
+    ("--metrics-jsonl", "{file}/logs/m.jsonl",
+     "--metrics-jsonl: cannot write {file}/logs/m.jsonl: {file} exists and is not a directory"),
+    ("--metrics-jsonl", "{dir}", "--metrics-jsonl: {dir} is a directory; give a file path"),
+    ("--save", "{file}", "--save: cannot write {file}: {file} exists and is not a directory"),
+]
+
+
+@pytest.mark.parametrize("flag,path,fragment", BAD_OUTPUT, ids=[f"{b[0]}:{b[1]}" for b in BAD_OUTPUT])
+def test_unwritable_output_path_is_refused_before_training(tmp_path, flag, path, fragment):
+    names = {"file": str(tmp_path / "a_file"), "dir": str(tmp_path)}
+    (tmp_path / "a_file").write_text("not a directory")
+    with pytest.raises(ConfigError) as info:
+        validate(parse_args(MOCK + [flag, path.format(**names)]), 1)
+    assert fragment.format(**names) in str(info.value)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+@pytest.mark.parametrize("flag,path", [("--metrics-jsonl", "/proc/nope/m.jsonl"), ("--save", "/proc/nope/ckpt"),
+                                       ("--tensorboard-dir", "/proc/nope")])
+def test_output_path_on_an_unwritable_filesystem(flag, path):
+    # /proc refuses new files even to root, for whom os.access() says yes: validate probes for real.
+    with pytest.raises(ConfigError, match=f"{flag}: cannot write {path}: /proc is not writable \\(.*\\); "
+                                          "choose a writable location"):
+        validate(parse_args(MOCK + [flag, path]), 1)
+
+
+def test_creatable_output_paths_pass_and_nothing_is_left_behind(tmp_path):
+    args = ["--save", str(tmp_path / "new" / "ckpt"), "--tensorboard-dir", str(tmp_path / "tb"),
+            "--metrics-jsonl", str(tmp_path / "logs" / "m.jsonl")]
+    validate(parse_args(MOCK + args), 1)
+    assert os.listdir(tmp_path) == []  # validation creates nothing (its write probe is removed)
 
 
 def test_nonexistent_data_prefix(tmp_path):

@@ -81,6 +81,21 @@ def test_lr_warmup_fraction_and_state_round_trip():
     assert u.get_lr() == pytest.approx(MIN + (MAX - MIN) * (1 - 7 / 400), rel=1e-12)
 
 
+def test_lr_warmup_fraction_is_not_rounded_to_whole_iterations():
+    # Megatron-LM: lr_warmup_steps = fraction x lr_decay_steps, kept fractional. 0.05 x 50 = 2.5.
+    s = LRScheduler(None, MAX, MIN, "linear", 50, warmup_fraction=0.05)
+    assert s.warmup_iters == 2.5
+    assert s.get_lr(1) == pytest.approx(MAX * 1 / 2.5, rel=1e-12)  # 4e-4 (rounding W to 2 gives 5e-4)
+    assert s.get_lr(2) == pytest.approx(8e-4, rel=1e-12)  # still warming up (W = 2 would give MAX)
+    # step 3 decays: r = (3 - 2.5) / (50 - 2.5) = 1/95 -> 1e-5 + (1 - 1/95) x 9.9e-4
+    assert s.get_lr(3) == pytest.approx(1e-5 + (94 / 95) * 9.9e-4, rel=1e-12)
+    assert s.get_lr(26.25) == pytest.approx(1e-5 + 0.5 * 9.9e-4, rel=1e-12)  # r = 23.75 / 47.5 = 1/2
+    c = LRScheduler(None, MAX, MIN, "cosine", 50, warmup_fraction=0.05)
+    # cosine at r = 1/95: 0.5 x (cos(pi/95) + 1)
+    assert c.get_lr(3) == pytest.approx(1e-5 + 0.5 * (math.cos(math.pi / 95) + 1) * 9.9e-4, rel=1e-12)
+    assert c.get_lr(50) == pytest.approx(MIN, rel=1e-12) and c.get_lr(51) == MIN
+
+
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()

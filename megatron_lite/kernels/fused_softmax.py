@@ -65,7 +65,9 @@ def scale_mask_softmax_reference(x: torch.Tensor, mask: Optional[torch.Tensor], 
         x = x.masked_fill(full, float("-inf"))
     y = torch.softmax(x, dim=-1)
     if full is not None:
-        y = torch.nan_to_num(y, nan=0.0)  # a row with every key masked: zeros, as the Triton kernel gives (Megatron's -10000 fill gives a uniform row)
+        # A row with every key masked gives zeros, as the Triton kernel does (Megatron's -10000 fill
+        # would give a uniform row instead).
+        y = torch.nan_to_num(y, nan=0.0)
     return y.to(orig)
 
 

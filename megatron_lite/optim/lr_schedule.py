@@ -11,7 +11,10 @@ samples, ``iterations x global batch``; with a fixed global batch the ratios are
         cosine:                 lr = min_lr + (max_lr - min_lr) * 0.5 * (cos(pi * r) + 1)
 
 ``step`` is the number of optimizer steps already taken, so iteration 1 trains with lr(0); the
-trainer calls ``step()`` after each successful optimizer update, as Megatron does.
+trainer calls ``step()`` after each successful optimizer update, as Megatron does. With
+--lr-warmup-fraction, W = fraction x D stays fractional (Megatron's ``lr_warmup_steps`` is
+``fraction x lr_decay_steps`` without rounding), so e.g. W = 2.5 gives lr(2) = 0.8 max_lr and
+lr(3) on the decay branch.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ class LRScheduler:
         if decay_iters < 1:
             raise ValueError(f"--lr-decay-iters must be >= 1, got {decay_iters}")
         if warmup_fraction is not None:
-            warmup_iters = int(warmup_fraction * decay_iters)
+            warmup_iters = warmup_fraction * decay_iters  # kept fractional, as Megatron-LM does
         if not 0 <= warmup_iters <= decay_iters:
             raise ValueError(f"warmup ({warmup_iters} iterations) must lie within --lr-decay-iters "
                              f"({decay_iters})")
@@ -37,7 +40,7 @@ class LRScheduler:
         self.max_lr, self.min_lr = float(max_lr), float(min_lr)
         self.decay_style = decay_style
         self.decay_iters = int(decay_iters)
-        self.warmup_iters = int(warmup_iters)
+        self.warmup_iters = float(warmup_iters) if warmup_fraction is not None else int(warmup_iters)
         self.num_steps = 0
         self._apply()
 

@@ -124,8 +124,23 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
         os.environ["WORLD_SIZE"] = "1"
         os.environ.setdefault("LOCAL_RANK", "0")
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        if not torch.cuda.is_available():
+            raise ParallelConfigError("--distributed-backend nccl needs CUDA, and no CUDA device is available; "
+                                      "use --distributed-backend gloo")
+        local_rank, devices = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= devices:
+            raise ParallelConfigError(f"LOCAL_RANK {local_rank} but this node has {devices} CUDA device(s); "
+                                      f"launch at most {devices} processes per node (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local_rank)
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    except (RuntimeError, ValueError) as e:  # DistNetworkError / DistStoreError are RuntimeErrors
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ParallelConfigError(
+            f"could not start torch.distributed (backend {backend}, rank {os.environ.get('RANK')} of "
+            f"{os.environ.get('WORLD_SIZE')}, rendezvous {where}): {detail}; check that the port is free "
+            "and every rank was launched (torchrun --master_port / --nproc_per_node)") from None
     return backend
 
 

@@ -1,8 +1,11 @@
 """Timers, throughput (tokens/s, TFLOP/s per device, MFU), memory, and where they are written.
 
 Throughput follows Megatron-LM: TFLOP/s per device = model FLOPs of one global batch (forward
-+ backward, ``model.flops.num_floating_point_operations``) / (seconds per iteration x world size x 1e12).
-MFU is that over the device peak given by --peak-tflops (printed once, so a wrong peak is visible).
++ backward, ``model.flops.num_floating_point_operations`` without activation recompute) / (seconds
+per iteration x world size x 1e12). MFU is that over the device peak given by --peak-tflops (printed
+once, so a wrong peak is visible). The FLOPs the hardware really ran, recomputed forwards included,
+are logged apart as ``hardware_tflops_per_device`` and ``hfu`` (hardware FLOPs utilisation), so MFU
+stays comparable between runs with and without --recompute-granularity.
 
 Only the logging rank (``pstate.is_logging_rank``) constructs a ``MetricsWriter``; it appends one
 JSON object per line to --metrics-jsonl and flushes it, and mirrors the scalars to TensorBoard.
@@ -49,12 +52,24 @@ class Timer:
         return out
 
 
+class OutputPathError(RuntimeError):
+    """An output file or directory (--save, --metrics-jsonl, --tensorboard-dir) that cannot be written."""
+
+
 def throughput(iter_time_s: float, global_batch_size: int, seq_length: int, flops_per_batch: float,
-               world_size: int, peak_tflops: Optional[float] = None) -> Dict[str, Optional[float]]:
+               world_size: int, peak_tflops: Optional[float] = None,
+               hardware_flops_per_batch: Optional[float] = None) -> Dict[str, Optional[float]]:
+    """``flops_per_batch``: model FLOPs (no recompute); ``hardware_flops_per_batch``: with recompute
+    (defaults to the model FLOPs, i.e. no recompute)."""
+    if hardware_flops_per_batch is None:
+        hardware_flops_per_batch = flops_per_batch
     tokens_per_s = global_batch_size * seq_length / iter_time_s
     tflops = flops_per_batch / (iter_time_s * world_size * 1e12)
-    mfu = tflops / peak_tflops if peak_tflops else None
-    return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": mfu}
+    hardware_tflops = hardware_flops_per_batch / (iter_time_s * world_size * 1e12)
+    return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops,
+            "mfu": tflops / peak_tflops if peak_tflops else None,
+            "hardware_tflops_per_device": hardware_tflops,
+            "hfu": hardware_tflops / peak_tflops if peak_tflops else None}
 
 
 def memory_stats(device: torch.device) -> Dict[str, float]:
@@ -88,6 +103,11 @@ def format_train_line(rec: dict, train_iters: int) -> str:
               f"TFLOP/s/device: {rec['tflops_per_device']:.3f}"]
     if rec.get("mfu") is not None:
         parts.append(f"MFU: {100 * rec['mfu']:.2f}%")
+    if rec.get("hardware_tflops_per_device") not in (None, rec["tflops_per_device"]):
+        # Only differs with activation recompute; then show what the hardware really ran too.
+        parts.append(f"hardware TFLOP/s/device: {rec['hardware_tflops_per_device']:.3f}")
+        if rec.get("hfu") is not None:
+            parts.append(f"HFU: {100 * rec['hfu']:.2f}%")
     return " | ".join(parts) + " |"
 
 
@@ -108,12 +128,20 @@ class MetricsWriter:
         self._jsonl = None
         self._tb = None
         if jsonl_path:
-            parent = os.path.dirname(os.path.abspath(jsonl_path))
-            os.makedirs(parent, exist_ok=True)
-            self._jsonl = open(jsonl_path, "a", encoding="utf-8")
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+                self._jsonl = open(jsonl_path, "a", encoding="utf-8")
+            except OSError as e:
+                raise OutputPathError(f"--metrics-jsonl: cannot open {jsonl_path} for writing "
+                                      f"({e.strerror or e}); choose a writable path") from None
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency: import on use
-            self._tb = SummaryWriter(log_dir=tensorboard_dir)
+            try:
+                self._tb = SummaryWriter(log_dir=tensorboard_dir)
+            except OSError as e:
+                self.close()
+                raise OutputPathError(f"--tensorboard-dir: cannot write to {tensorboard_dir} "
+                                      f"({e.strerror or e}); choose a writable directory") from None
 
     def write(self, record: dict, tb_prefix: str = "") -> None:
         if self._jsonl is not None:

@@ -28,8 +28,8 @@ from megatron_lite.optim.lr_schedule import build_lr_scheduler
 from megatron_lite.optim.optimizer import build_optimizer
 from megatron_lite.training.batch import build_data_iterators
 from megatron_lite.training.finalize_grads import finalize_model_grads
-from megatron_lite.training.metrics import (MetricsWriter, Timer, format_eval_line, format_train_line,
-                                            memory_stats, perplexity, throughput)
+from megatron_lite.training.metrics import (MetricsWriter, OutputPathError, Timer, format_eval_line,
+                                            format_train_line, memory_stats, perplexity, throughput)
 
 
 @dataclass
@@ -122,7 +122,10 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, t.train_iters)
         self.forward_backward = get_forward_backward_func(cfg)
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * pstate.dp_size)
-        self.flops_per_batch = num_floating_point_operations(m, t.global_batch_size, recomputed_layer_count(cfg))
+        # Model FLOPs (MFU, as Megatron-LM reports it) and what the hardware runs with recompute (HFU).
+        self.flops_per_batch = num_floating_point_operations(m, t.global_batch_size, recomputed_layers=0)
+        self.hardware_flops_per_batch = num_floating_point_operations(m, t.global_batch_size,
+                                                                      recomputed_layer_count(cfg))
         self.iteration, self.consumed_samples, self.consumed_valid_samples = 0, 0, 0
         if t.load:
             self._load()
@@ -149,8 +152,13 @@ class Trainer:
     def save(self) -> None:
         from megatron_lite.training.checkpoint import save_checkpoint
 
-        path = save_checkpoint(self.cfg.train.save, self.iteration, self.model, self.optimizer, self.lr_scheduler,
-                               self.consumed_samples, self.cfg.to_dict(), self.pstate)
+        try:
+            path = save_checkpoint(self.cfg.train.save, self.iteration, self.model, self.optimizer,
+                                   self.lr_scheduler, self.consumed_samples, self.cfg.to_dict(), self.pstate)
+        except OSError as e:  # validate() probed --save, but a disk can fill up or a mount go away
+            where = e.filename or self.cfg.train.save
+            raise OutputPathError(f"--save: cannot write the checkpoint of iteration {self.iteration} to "
+                                  f"{where} ({e.strerror or e})") from None
         iter_dir = os.path.dirname(os.path.dirname(path))
         _print_rank0(self.pstate, f"> saved checkpoint at iteration {self.iteration} to {iter_dir}")
 
@@ -214,7 +222,7 @@ class Trainer:
                "lr": lr, "grad_norm": grad_norm, "loss_scale": self.optimizer.get_loss_scale(),
                "skipped_iter": int(skipped), "iter_time_s": iter_time_s,
                **throughput(iter_time_s, t.global_batch_size, m.seq_length, self.flops_per_batch,
-                            self.pstate.world_size, t.peak_tflops),
+                            self.pstate.world_size, t.peak_tflops, self.hardware_flops_per_batch),
                "global_batch_size": t.global_batch_size, "num_zeros": num_zeros,
                "skipped_iters": window["skipped"], "nan_iters": window["nan"],
                **memory_stats(self.pstate.device)}
