@@ -395,6 +395,10 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             need(vp >= 1 and (m.num_layers // pp) % vp == 0,
                  f"--num-layers ({m.num_layers}) / --pipeline-model-parallel-size ({pp}) must be divisible by "
                  f"--num-layers-per-virtual-pipeline-stage ({vp})")
+            need(vp >= 1 and (m.num_layers // pp) // vp >= 2,
+                 f"--num-layers-per-virtual-pipeline-stage ({vp}) leaves one model chunk per stage "
+                 f"({m.num_layers // pp} layers per stage): interleaving needs at least two; use a smaller "
+                 "value, or drop the flag for plain 1F1B")
             need(par.pipeline_schedule in (None, "interleaved"),
                  "--num-layers-per-virtual-pipeline-stage runs the interleaved schedule; "
                  "drop --pipeline-schedule or set it to interleaved")

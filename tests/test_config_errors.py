@@ -53,6 +53,8 @@ BAD = [
      "must be divisible by --num-layers-per-virtual-pipeline-stage (3)"),
     (pp(2) + ["--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "6"], 2,
      "the interleaved schedule needs the number of micro-batches (3"),
+    (pp(2) + ["--num-layers-per-virtual-pipeline-stage", "2"], 2,
+     "--num-layers-per-virtual-pipeline-stage (2) leaves one model chunk per stage"),
     (pp(2) + ["--pipeline-schedule", "interleaved"], 2,
      "--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage"),
     (pp(2) + ["--global-batch-size", "2"], 2, "needs at least as many micro-batches (1"),

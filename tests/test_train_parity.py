@@ -26,6 +26,7 @@ SP = ["--sequence-parallel"]
 FULL_RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform"]
 SELECTIVE = ["--recompute-granularity", "selective"]
 FOUR_LAYERS = ["--num-layers", "4"]  # the interleaved schedule needs 2 stages x 2 chunks of layers
+UNTIED = ["--untie-embeddings-and-output-weights"]
 
 
 def tp(n):
@@ -44,6 +45,9 @@ WORLD_2 = {
     "tp2_sp_recompute": tp(2) + SP + FULL_RECOMPUTE,
     "pp2": pp(2),
     "pp2_interleaved_4layers": FOUR_LAYERS + pp(2) + ["--num-layers-per-virtual-pipeline-stage", "1"],
+    "pp2_gpipe": pp(2) + ["--pipeline-schedule", "gpipe"],
+    "pp2_untied": pp(2) + UNTIED,  # no embedding group needed: the head is the last stage's own weight
+    "pp2_uneven_4layers": FOUR_LAYERS + pp(2) + ["--decoder-first-pipeline-num-layers", "1"],  # 1 + 3 layers
 }
 WORLD_4 = {
     "tp2_dp2": tp(2),
@@ -80,14 +84,15 @@ def _collect(results):
 
 @pytest.fixture(scope="module")
 def references():
-    return run_distributed(_train_variants, 1, args=({"single": [], "single_4layers": FOUR_LAYERS},),
-                           timeout=120)[0]
+    return run_distributed(_train_variants, 1, args=(
+        {"single": [], "single_4layers": FOUR_LAYERS, "single_untied": UNTIED},), timeout=120)[0]
 
 
 def _check(curves, references, names):
     assert set(curves) == set(names)
     for name in names:
-        reference = references["single_4layers" if name.endswith("_4layers") else "single"]
+        suffix = name.rsplit("_", 1)[-1]
+        reference = references[f"single_{suffix}" if f"single_{suffix}" in references else "single"]
         ref_loss, ref_norm = reference["losses"], reference["grad_norms"]
         assert len(ref_loss) == STEPS and all(math.isfinite(x) for x in ref_loss)
         got = curves[name]
