@@ -80,3 +80,16 @@ def run_distributed(fn, world_size: int, args=(), timeout: float = 180.0):
         rank = min(errors)
         raise RuntimeError(f"rank {rank} failed:\n{errors[rank]}")
     return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world_size)]
+
+
+def run_entry_point(args, cwd, nproc=None, timeout=120):
+    """``python -m megatron_lite.pretrain_gpt ARGS``, or under torchrun with ``nproc`` ranks on a free port."""
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if nproc is None:
+        cmd = [sys.executable, "-m", "megatron_lite.pretrain_gpt"] + args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), "-m", "megatron_lite.pretrain_gpt"] + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(cwd), env=env)

@@ -1,14 +1,12 @@
 """Every bad flag combination gets one clear ConfigError naming the flags; the entry point turns
 user errors into a single ``error: ...`` line on stderr, exit status 2 and no traceback."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from dist_helpers import run_entry_point
 from megatron_lite.config import ConfigError, parse_args, validate
-from megatron_lite.parallel.state import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "tokenizer")
@@ -155,16 +153,6 @@ def test_good_layout_fills_derived_fields():
     assert cfg.parallel.data_parallel_size == 2 and cfg.parallel.pipeline_schedule == "1f1b"
 
 
-def _run_entry_point(args, cwd, nproc=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if nproc is None:
-        cmd = [sys.executable, "-m", "megatron_lite.pretrain_gpt"] + args
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), "-m", "megatron_lite.pretrain_gpt"] + args
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(cwd), env=env)
-
-
 def _error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
@@ -172,7 +160,7 @@ def _error_lines(stderr):
 @pytest.mark.timeout(120)
 def test_entry_point_reports_one_line_per_error(tmp_path):
     # A config error (before any process group) ...
-    out = _run_entry_point(MOCK + ["--hidden-size", "66"], tmp_path)
+    out = run_entry_point(MOCK + ["--hidden-size", "66"], tmp_path)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
@@ -182,7 +170,7 @@ def test_entry_point_reports_one_line_per_error(tmp_path):
     (tmp_path / "d.bin").write_bytes(b"")
     (tmp_path / "d.idx").write_bytes(b"")
     (tmp_path / "vocab.json").write_text("this is not json")
-    out = _run_entry_point(["--data-path", str(tmp_path / "d"), "--vocab-file", str(tmp_path / "vocab.json"),
+    out = run_entry_point(["--data-path", str(tmp_path / "d"), "--vocab-file", str(tmp_path / "vocab.json"),
                             "--merge-file", os.path.join(TOKENIZER, "merges.txt")], tmp_path)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
@@ -193,7 +181,7 @@ def test_entry_point_reports_one_line_per_error(tmp_path):
 @pytest.mark.timeout(120)
 def test_torchrun_error_printed_once(tmp_path):
     """Under torchrun every rank exits non-zero; only rank 0 prints the message."""
-    out = _run_entry_point(MOCK + tp(2) + ["--num-attention-heads", "3", "--hidden-size", "63"], tmp_path, nproc=2)
+    out = run_entry_point(MOCK + tp(2) + ["--num-attention-heads", "3", "--hidden-size", "63"], tmp_path, nproc=2)
     assert out.returncode != 0
     assert _error_lines(out.stderr) == [
         "error: --num-attention-heads (3) must be divisible by --tensor-model-parallel-size (2)"]

@@ -212,8 +212,8 @@ def test_blend_refuses_a_dataset_that_runs_out():
 
 
 def test_weighted_data_path_blends_per_split(tmp_path):
-    a = write_shard(str(tmp_path / "a"), np.full(40, 20))
-    b = write_shard(str(tmp_path / "b"), np.full(60, 30), base=10 ** 6)
+    write_shard(str(tmp_path / "a"), np.full(40, 20))
+    write_shard(str(tmp_path / "b"), np.full(60, 30), base=10 ** 6)
     cache = str(tmp_path / "cache")
     train, valid, test = build_train_valid_test_datasets(["0.25", str(tmp_path / "a"), "0.75", str(tmp_path / "b")],
                                                          "90,10,0", 16, 9, [300, 40, 0], cache_path=cache)

@@ -18,8 +18,9 @@ import sys
 import pytest
 import torch.distributed as dist
 
+from dist_helpers import run_entry_point
 from megatron_lite import pretrain_gpt
-from megatron_lite.config import ConfigError, pad_vocab_size, parse_args, validate
+from megatron_lite.config import pad_vocab_size, parse_args, validate
 from megatron_lite.parallel.p2p import P2PError
 from megatron_lite.parallel.state import ParallelState, free_port
 from megatron_lite.training.checkpoint import CheckpointError
@@ -146,23 +147,13 @@ PP2 = ["--pipeline-model-parallel-size", "2"]
 WORKER_FRAME = re.compile(r'File ".*megatron_lite[/\\]')  # torchrun's own traceback has no such frame
 
 
-def _launch(args, cwd, nproc=None, timeout=120):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if nproc is None:
-        cmd = [sys.executable, "-m", "megatron_lite.pretrain_gpt"] + args
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), "-m", "megatron_lite.pretrain_gpt"] + args
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(cwd), env=env)
-
-
 def _error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 @pytest.mark.timeout(120)
 def test_missing_data_prefix_and_vocab_file_get_one_line(tmp_path):
-    out = _launch(["--data-path", str(tmp_path / "nope_text_document"), "--vocab-file",
+    out = run_entry_point(["--data-path", str(tmp_path / "nope_text_document"), "--vocab-file",
                    os.path.join(TOKENIZER, "vocab.json"), "--merge-file", os.path.join(TOKENIZER, "merges.txt")],
                   tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
@@ -172,7 +163,7 @@ def test_missing_data_prefix_and_vocab_file_get_one_line(tmp_path):
 
     (tmp_path / "d.bin").write_bytes(b"")
     (tmp_path / "d.idx").write_bytes(b"")
-    out = _launch(["--data-path", str(tmp_path / "d"), "--vocab-file", str(tmp_path / "missing_vocab.json"),
+    out = run_entry_point(["--data-path", str(tmp_path / "d"), "--vocab-file", str(tmp_path / "missing_vocab.json"),
                    "--merge-file", os.path.join(TOKENIZER, "merges.txt")], tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().splitlines() == [
@@ -184,7 +175,7 @@ def test_torchrun_pp2_unwritable_metrics_file_is_caught_before_training(tmp_path
     """The last stage (rank 1) writes the metrics: validate() refuses the path on every rank, rank 0 says so."""
     (tmp_path / "a_file").write_text("")
     bad = str(tmp_path / "a_file" / "m.jsonl")
-    out = _launch(TINY + PP2 + ["--train-iters", "2", "--metrics-jsonl", bad], tmp_path, nproc=2)
+    out = run_entry_point(TINY + PP2 + ["--train-iters", "2", "--metrics-jsonl", bad], tmp_path, nproc=2)
     assert out.returncode != 0
     assert _error_lines(out.stderr) == [
         f"error: --metrics-jsonl: cannot write {bad}: {tmp_path / 'a_file'} exists and is not a directory; "
@@ -211,7 +202,7 @@ def test_torchrun_pp2_error_on_last_stage_only_is_printed_by_that_rank(tmp_path)
     ckpt = tmp_path / "ckpt"
     _write_first_stage_checkpoint(ckpt, 5)
     assert sorted(os.listdir(ckpt / "iter_0000005")) == ["mp_rank_00_000"]
-    out = _launch(TINY + PP2 + ["--train-iters", "8", "--load", str(ckpt)], tmp_path, nproc=2)
+    out = run_entry_point(TINY + PP2 + ["--train-iters", "8", "--load", str(ckpt)], tmp_path, nproc=2)
     assert out.returncode != 0
     errors = _error_lines(out.stderr)
     own = [line for line in errors if line.startswith("error: [rank 1] ")]
