@@ -413,14 +413,6 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                  "--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage")
     if par.pipeline_schedule is None:
         par.pipeline_schedule = "1f1b"
-    if pp > 1:
-        # Fewer micro-batches than stages cannot fill the pipeline; say so here rather than at step 1.
-        num_micro = t.global_batch_size // (t.micro_batch_size * dp)
-        need(num_micro >= pp,
-             f"pipeline parallelism needs at least as many micro-batches ({num_micro} = --global-batch-size "
-             f"({t.global_batch_size}) / (--micro-batch-size ({t.micro_batch_size}) x DP ({dp}))) as "
-             f"--pipeline-model-parallel-size ({pp}); raise --global-batch-size to >= "
-             f"{pp * t.micro_batch_size * dp}")
 
     for flag, on in (("--use-distributed-optimizer", par.use_distributed_optimizer),
                      ("--overlap-grad-reduce", par.overlap_grad_reduce),

@@ -55,7 +55,6 @@ BAD = [
      "--num-layers-per-virtual-pipeline-stage (2) leaves one model chunk per stage"),
     (pp(2) + ["--pipeline-schedule", "interleaved"], 2,
      "--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage"),
-    (pp(2) + ["--global-batch-size", "2"], 2, "needs at least as many micro-batches (1"),
     (pp(2) + ["--decoder-first-pipeline-num-layers", "5"], 2, "cannot be split evenly"),
     # numeric ranges
     (["--make-vocab-size-divisible-by", "0"], 1, "--make-vocab-size-divisible-by must be >= 1, got 0"),

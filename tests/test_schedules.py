@@ -68,8 +68,12 @@ def test_interleaved_chunk_ids_match_megatron():
 
 
 def test_microbatch_count_errors_name_the_flags():
-    with pytest.raises(ScheduleError, match="--pipeline-model-parallel-size 4"):
-        so.check_microbatches(3, 4, "1f1b")
+    with pytest.raises(ScheduleError, match="--global-batch-size"):
+        so.check_microbatches(0, 4, "1f1b")
+    so.check_microbatches(3, 4, "1f1b")  # fewer than the stages: allowed, as in Megatron-LM
+    so.check_microbatches(1, 4, "gpipe")
+    with pytest.raises(ScheduleError, match="multiple of --pipeline-model-parallel-size"):
+        so.check_microbatches(3, 4, "interleaved", 2)
     with pytest.raises(ScheduleError, match="multiple of --pipeline-model-parallel-size"):
         so.check_microbatches(6, 4, "interleaved", 2)
     so.check_microbatches(8, 4, "interleaved", 2)
@@ -221,9 +225,10 @@ def _toy_worker(rank, world):
     from megatron_lite.parallel.state import initialize_parallel
     out = []
     ps = initialize_parallel(pipeline=4)
-    # Too few micro-batches: every rank raises before any transfer, and the next run is unaffected.
+    # Micro-batch counts a schedule refuses: every rank raises before any transfer, and the next run
+    # is unaffected.
     from megatron_lite.parallel.schedules import get_forward_backward_func
-    for schedule, m in (("1f1b", 3), ("gpipe", 2), ("interleaved", 6)):
+    for schedule, m in (("1f1b", 0), ("gpipe", 0), ("interleaved", 6)):
         vp = 2 if schedule == "interleaved" else 1
         ps.virtual_pp_size = vp if vp > 1 else None
         try:
@@ -234,6 +239,7 @@ def _toy_worker(rank, world):
         except ScheduleError as e:
             out.append(("error", str(e)))
     for schedule, m, vp, lpc in (("gpipe", 8, 1, 1), ("1f1b", 8, 1, 1), ("1f1b", 5, 1, 2),
+                                 ("gpipe", 2, 1, 1), ("1f1b", 2, 1, 1), ("1f1b", 1, 1, 1),  # m < PP
                                  ("interleaved", 8, 2, 1), ("interleaved", 4, 2, 1), ("interleaved", 8, 3, 1)):
         out.append(_toy_run(ps, schedule, m, vp, lpc))
     for schedule, vp in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
@@ -318,7 +324,7 @@ def _config_error_worker(rank, world):
     from megatron_lite.parallel.state import destroy_parallel, initialize_parallel
     ps = initialize_parallel(pipeline=2, timeout_minutes=0.5)
     weights, batches = _toy_data(2, 4)
-    num_microbatches = 4 if rank == 0 else 1  # 1 < PP: refused on rank 1 before any transfer
+    num_microbatches = 4 if rank == 0 else 0  # refused on rank 1 before any transfer
     start = time.monotonic()
     try:
         get_forward_backward_func(ps, "1f1b")(

@@ -36,12 +36,10 @@ def check_microbatches(num_microbatches: int, pp_size: int, schedule: str, num_c
     none is left waiting on a peer.
     """
     if num_microbatches < 1:
-        raise ScheduleError(f"num_microbatches must be >= 1, got {num_microbatches}")
-    if pp_size > 1 and num_microbatches < pp_size:
-        raise ScheduleError(
-            f"the {schedule} pipeline schedule needs at least as many micro-batches ({num_microbatches} = "
-            f"--global-batch-size / (--micro-batch-size x DP)) as pipeline stages "
-            f"(--pipeline-model-parallel-size {pp_size}); raise --global-batch-size")
+        raise ScheduleError(f"the number of micro-batches (--global-batch-size / (--micro-batch-size x DP)) "
+                            f"must be >= 1, got {num_microbatches}")
+    # GPipe and 1F1B run any count, as in Megatron-LM (fewer micro-batches than stages only
+    # leaves a larger bubble); the interleaved schedule walks micro-batches in groups of PP.
     if schedule == "interleaved" and num_microbatches % pp_size != 0:
         raise ScheduleError(
             f"the interleaved schedule needs the number of micro-batches ({num_microbatches}) to be a "
