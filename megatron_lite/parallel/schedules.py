@@ -156,6 +156,12 @@ class _Run:
         self.stats.backward(microbatch, chunk)
         return grad
 
+    def abort(self) -> None:
+        if self._sync is not None:
+            self._sync.__exit__(None, None, None)
+            self._sync = None
+        self.set_chunk(0)
+
     def finish(self) -> list:
         if self._sync is not None:
             self._sync.__exit__(None, None, None)
@@ -192,24 +198,28 @@ def forward_backward_pipelining_gpipe(*, forward_step_func, data_iterator, model
                                       stats: Optional[ScheduleStats] = None) -> list:
     """GPipe: all forwards, then all backwards; every micro-batch's activations are held at once."""
     run = _Run("gpipe", *_pipeline_kwargs(locals()))
-    comm, m = run.comm, num_microbatches
-    inputs, outputs = [], []
-    for i in range(m):
-        x = comm.recv_forward()
-        y = run.forward(x, i)
-        comm.send_forward(y)
-        if not forward_only:
-            if not run.pstate.is_pipeline_last_stage():
-                deallocate_output_tensor(y)
-            inputs.append(x)
-            outputs.append(y)
-    if not forward_only:
+    try:
+        comm, m = run.comm, num_microbatches
+        inputs, outputs = [], []
         for i in range(m):
-            dy = comm.recv_backward()
-            dx = run.backward(inputs[i], outputs[i], dy, i, last=i == m - 1)
-            inputs[i] = outputs[i] = None  # free as we go
-            comm.send_backward(dx)
-    return run.finish()
+            x = comm.recv_forward()
+            y = run.forward(x, i)
+            comm.send_forward(y)
+            if not forward_only:
+                if not run.pstate.is_pipeline_last_stage():
+                    deallocate_output_tensor(y)
+                inputs.append(x)
+                outputs.append(y)
+        if not forward_only:
+            for i in range(m):
+                dy = comm.recv_backward()
+                dx = run.backward(inputs[i], outputs[i], dy, i, last=i == m - 1)
+                inputs[i] = outputs[i] = None  # free as we go
+                comm.send_backward(dx)
+        return run.finish()
+    except BaseException:
+        run.abort()  # leave no DP no-sync context open and no chunk index behind
+        raise
 
 
 def forward_backward_pipelining_without_interleaving(
@@ -219,47 +229,51 @@ def forward_backward_pipelining_without_interleaving(
         collect_non_loss_data: bool = False, no_sync_func=None, stats: Optional[ScheduleStats] = None) -> list:
     """1F1B: warm-up forwards, steady one-forward-one-backward, cool-down backwards."""
     run = _Run("1f1b", *_pipeline_kwargs(locals()))
-    comm, m, ps = run.comm, num_microbatches, run.pstate
-    warmup = orders.one_f_one_b_warmup(ps.pp_size, ps.pp_rank, m, forward_only)
-    remaining = m - warmup
-    inputs, outputs = [], []
-    is_last = ps.is_pipeline_last_stage()
+    try:
+        comm, m, ps = run.comm, num_microbatches, run.pstate
+        warmup = orders.one_f_one_b_warmup(ps.pp_size, ps.pp_rank, m, forward_only)
+        remaining = m - warmup
+        inputs, outputs = [], []
+        is_last = ps.is_pipeline_last_stage()
 
-    for i in range(warmup):
-        x = comm.recv_forward()
-        y = run.forward(x, i)
-        comm.send_forward(y)
-        if not forward_only:
+        for i in range(warmup):
+            x = comm.recv_forward()
+            y = run.forward(x, i)
+            comm.send_forward(y)
+            if not forward_only:
+                inputs.append(x)
+                outputs.append(y)
+                if not is_last:
+                    deallocate_output_tensor(y)
+
+        x = comm.recv_forward() if remaining > 0 else None
+        for i in range(remaining):
+            last_iteration = i == remaining - 1
+            y = run.forward(x, warmup + i)
+            if forward_only:
+                comm.send_forward(y)
+                x = None if last_iteration else comm.recv_forward()
+                continue
+            dy = comm.send_forward_recv_backward(y)
             inputs.append(x)
             outputs.append(y)
             if not is_last:
                 deallocate_output_tensor(y)
+            dx = run.backward(inputs.pop(0), outputs.pop(0), dy, i, last=warmup == 0 and last_iteration)
+            if last_iteration:
+                comm.send_backward(dx)
+            else:
+                x = comm.send_backward_recv_forward(dx)
 
-    x = comm.recv_forward() if remaining > 0 else None
-    for i in range(remaining):
-        last_iteration = i == remaining - 1
-        y = run.forward(x, warmup + i)
-        if forward_only:
-            comm.send_forward(y)
-            x = None if last_iteration else comm.recv_forward()
-            continue
-        dy = comm.send_forward_recv_backward(y)
-        inputs.append(x)
-        outputs.append(y)
-        if not is_last:
-            deallocate_output_tensor(y)
-        dx = run.backward(inputs.pop(0), outputs.pop(0), dy, i, last=warmup == 0 and last_iteration)
-        if last_iteration:
-            comm.send_backward(dx)
-        else:
-            x = comm.send_backward_recv_forward(dx)
-
-    if not forward_only:
-        for i in range(remaining, m):
-            dy = comm.recv_backward()
-            dx = run.backward(inputs.pop(0), outputs.pop(0), dy, i, last=i == m - 1)
-            comm.send_backward(dx)
-    return run.finish()
+        if not forward_only:
+            for i in range(remaining, m):
+                dy = comm.recv_backward()
+                dx = run.backward(inputs.pop(0), outputs.pop(0), dy, i, last=i == m - 1)
+                comm.send_backward(dx)
+        return run.finish()
+    except BaseException:
+        run.abort()  # leave no DP no-sync context open and no chunk index behind
+        raise
 
 
 def forward_backward_pipelining_with_interleaving(
@@ -273,111 +287,115 @@ def forward_backward_pipelining_with_interleaving(
     chunk c for rank 0's chunk c + 1 (p2p neighbours wrap around the ring).
     """
     run = _Run("interleaved", *_pipeline_kwargs(locals()))
-    comm, ps, m = run.comm, run.pstate, num_microbatches
-    pp, vp = ps.pp_size, len(run.chunks)
-    total = m * vp
-    warmup = orders.interleaved_warmup(pp, ps.pp_rank, m, vp, forward_only)
-    all_warmup = warmup == total
-    remaining = total - warmup
-    inputs = [[] for _ in range(vp)]
-    outputs = [[] for _ in range(vp)]
-    output_grads = [[] for _ in range(vp)]
-    first_rank = ps.is_pipeline_first_stage(ignore_virtual=True)
-    last_rank = ps.is_pipeline_last_stage(ignore_virtual=True)
+    try:
+        comm, ps, m = run.comm, run.pstate, num_microbatches
+        pp, vp = ps.pp_size, len(run.chunks)
+        total = m * vp
+        warmup = orders.interleaved_warmup(pp, ps.pp_rank, m, vp, forward_only)
+        all_warmup = warmup == total
+        remaining = total - warmup
+        inputs = [[] for _ in range(vp)]
+        outputs = [[] for _ in range(vp)]
+        output_grads = [[] for _ in range(vp)]
+        first_rank = ps.is_pipeline_first_stage(ignore_virtual=True)
+        last_rank = ps.is_pipeline_last_stage(ignore_virtual=True)
 
-    def chunk_of(k, forward):
-        return orders.interleaved_chunk_id(k, pp, vp, forward)
+        def chunk_of(k, forward):
+            return orders.interleaved_chunk_id(k, pp, vp, forward)
 
-    def mb_of(k):
-        return orders.interleaved_microbatch_id(k, pp, vp)
+        def mb_of(k):
+            return orders.interleaved_microbatch_id(k, pp, vp)
 
-    def forward_k(k):
-        c = chunk_of(k, True)
-        run.set_chunk(c)
-        if ps.is_pipeline_first_stage() and len(inputs[c]) == len(outputs[c]):
-            inputs[c].append(None)  # the first virtual stage reads tokens, not activations
-        y = run.forward(inputs[c][-1], mb_of(k), c)
-        outputs[c].append(y)
-        if forward_only:
-            inputs[c].pop()
-            outputs[c].pop()
-        return y
+        def forward_k(k):
+            c = chunk_of(k, True)
+            run.set_chunk(c)
+            if ps.is_pipeline_first_stage() and len(inputs[c]) == len(outputs[c]):
+                inputs[c].append(None)  # the first virtual stage reads tokens, not activations
+            y = run.forward(inputs[c][-1], mb_of(k), c)
+            outputs[c].append(y)
+            if forward_only:
+                inputs[c].pop()
+                outputs[c].pop()
+            return y
 
-    def backward_k(k):
-        c = chunk_of(k, False)
-        run.set_chunk(c)
-        if ps.is_pipeline_last_stage() and not output_grads[c]:
-            output_grads[c].append(None)  # the last virtual stage starts from its loss
-        return run.backward(inputs[c].pop(0), outputs[c].pop(0), output_grads[c].pop(0), mb_of(k), c,
-                            last=k == total - 1)
+        def backward_k(k):
+            c = chunk_of(k, False)
+            run.set_chunk(c)
+            if ps.is_pipeline_last_stage() and not output_grads[c]:
+                output_grads[c].append(None)  # the last virtual stage starts from its loss
+            return run.backward(inputs[c].pop(0), outputs[c].pop(0), output_grads[c].pop(0), mb_of(k), c,
+                                last=k == total - 1)
 
-    def sendable_output(y, k):
-        """Output of forward k, or None when its chunk is the last virtual stage (nothing to send)."""
-        run.set_chunk(chunk_of(k, True))
-        if ps.is_pipeline_last_stage():
-            return None
-        return y
+        def sendable_output(y, k):
+            """Output of forward k, or None when its chunk is the last virtual stage (nothing to send)."""
+            run.set_chunk(chunk_of(k, True))
+            if ps.is_pipeline_last_stage():
+                return None
+            return y
 
-    run.set_chunk(0)
-    inputs[0].append(comm.recv_forward())
-    for k in range(warmup):
-        y = sendable_output(forward_k(k), k)
-        next_c = chunk_of(k + 1, True)
-        recv_prev = not (first_rank and next_c == 0) and k != total - 1
-        if k == warmup - 1 and not forward_only and not all_warmup:
-            x, dy = comm.send_forward_backward_recv_forward_backward(y, None, recv_prev, not last_rank)
-            output_grads[vp - 1].append(dy)
-        else:
-            x = comm.send_forward_recv_forward(y, recv_prev)
-        if recv_prev:
-            inputs[next_c].append(x)
-        if y is not None and not forward_only:
-            deallocate_output_tensor(outputs[chunk_of(k, True)][-1])
+        run.set_chunk(0)
+        inputs[0].append(comm.recv_forward())
+        for k in range(warmup):
+            y = sendable_output(forward_k(k), k)
+            next_c = chunk_of(k + 1, True)
+            recv_prev = not (first_rank and next_c == 0) and k != total - 1
+            if k == warmup - 1 and not forward_only and not all_warmup:
+                x, dy = comm.send_forward_backward_recv_forward_backward(y, None, recv_prev, not last_rank)
+                output_grads[vp - 1].append(dy)
+            else:
+                x = comm.send_forward_recv_forward(y, recv_prev)
+            if recv_prev:
+                inputs[next_c].append(x)
+            if y is not None and not forward_only:
+                deallocate_output_tensor(outputs[chunk_of(k, True)][-1])
 
-    for k in range(remaining):
-        fk, bk = k + warmup, k
-        y = sendable_output(forward_k(fk), fk)
-        dx = backward_k(bk)
-        run.set_chunk(chunk_of(bk, False))
-        if ps.is_pipeline_first_stage():
-            dx = None  # the first virtual stage has no predecessor to send to
-        # Which chunk the next received activation / gradient belongs to (Megatron's rule).
-        recv_prev = True
-        if first_rank:
-            next_fc = chunk_of(fk - (pp - 1), True)
-            recv_prev = next_fc != vp - 1
-            next_fc += 1
-        else:
-            next_fc = chunk_of(fk + 1, True)
-        recv_next = True
-        if last_rank:
-            next_bc = chunk_of(bk - (pp - 1), False)
-            recv_next = next_bc != 0
-            next_bc -= 1
-        else:
-            next_bc = chunk_of(bk + 1, False)
-        if k == remaining - 1:
-            recv_prev = False
-        x, dy = comm.send_forward_backward_recv_forward_backward(y, dx, recv_prev, recv_next)
-        if y is not None:
-            deallocate_output_tensor(outputs[chunk_of(fk, True)][-1])
-        if recv_prev:
-            inputs[next_fc].append(x)
-        if recv_next:
-            output_grads[next_bc].append(dy)
-
-    if not forward_only:
-        if all_warmup:
-            run.set_chunk(vp - 1)
-            output_grads[vp - 1].append(comm.recv_backward())
-        for k in range(remaining, total):
-            dx = backward_k(k)
-            run.set_chunk(chunk_of(k, False))
+        for k in range(remaining):
+            fk, bk = k + warmup, k
+            y = sendable_output(forward_k(fk), fk)
+            dx = backward_k(bk)
+            run.set_chunk(chunk_of(bk, False))
             if ps.is_pipeline_first_stage():
-                dx = None
-            next_bc = chunk_of(k + 1, False)
-            recv_next = not (last_rank and next_bc == vp - 1) and k != total - 1
-            dy = comm.send_backward_recv_backward(dx, recv_next)
+                dx = None  # the first virtual stage has no predecessor to send to
+            # Which chunk the next received activation / gradient belongs to (Megatron's rule).
+            recv_prev = True
+            if first_rank:
+                next_fc = chunk_of(fk - (pp - 1), True)
+                recv_prev = next_fc != vp - 1
+                next_fc += 1
+            else:
+                next_fc = chunk_of(fk + 1, True)
+            recv_next = True
+            if last_rank:
+                next_bc = chunk_of(bk - (pp - 1), False)
+                recv_next = next_bc != 0
+                next_bc -= 1
+            else:
+                next_bc = chunk_of(bk + 1, False)
+            if k == remaining - 1:
+                recv_prev = False
+            x, dy = comm.send_forward_backward_recv_forward_backward(y, dx, recv_prev, recv_next)
+            if y is not None:
+                deallocate_output_tensor(outputs[chunk_of(fk, True)][-1])
+            if recv_prev:
+                inputs[next_fc].append(x)
             if recv_next:
                 output_grads[next_bc].append(dy)
-    return run.finish()
+
+        if not forward_only:
+            if all_warmup:
+                run.set_chunk(vp - 1)
+                output_grads[vp - 1].append(comm.recv_backward())
+            for k in range(remaining, total):
+                dx = backward_k(k)
+                run.set_chunk(chunk_of(k, False))
+                if ps.is_pipeline_first_stage():
+                    dx = None
+                next_bc = chunk_of(k + 1, False)
+                recv_next = not (last_rank and next_bc == vp - 1) and k != total - 1
+                dy = comm.send_backward_recv_backward(dx, recv_next)
+                if recv_next:
+                    output_grads[next_bc].append(dy)
+        return run.finish()
+    except BaseException:
+        run.abort()  # leave no DP no-sync context open and no chunk index behind
+        raise
