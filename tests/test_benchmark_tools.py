@@ -1,0 +1,61 @@
+"""Each benchmark script runs as a user would (subprocess) at a tiny size, prints its table and writes
+its JSON. Only that they run and report consistent numbers is checked here: speed lives in
+BENCHMARKS.md, not in tests."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def _run(script, *args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", script), *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    return r
+
+
+def test_benchmark_index(tmp_path):
+    out = tmp_path / "index.json"
+    r = _run("benchmark_index.py", "--num-documents", 2000, "--num-tokens", 400000, "--seq-length", 128,
+             "--cache-root", tmp_path, "--output", out)
+    assert "build index" in r.stdout
+    d = json.loads(out.read_text())
+    assert d["built_samples"] >= d["requested_samples"] == (400000 - 1) // 128
+
+
+def test_benchmark_cpu_step(tmp_path):
+    out = tmp_path / "cpu_step.json"
+    _run("benchmark_cpu_step.py", "--num-layers", 1, "--hidden-size", 32, "--num-heads", 4, "--seq-length", 16,
+         "--vocab-size", 256, "--micro-batch-size", 2, "--warmup", 1, "--iters", 2, "--output", out)
+    d = json.loads(out.read_text())
+    layouts = [row["layout"] for row in d["rows"]]
+    assert layouts == ["TP=1, 1 process", "TP=1, 1 process", "TP=2, 2 processes x 1 thread (gloo)"]
+    for row in d["rows"]:
+        assert row["ours_step_s"] > 0 and row["tokens_per_s"] == pytest.approx(2 * 16 / row["ours_step_s"])
+
+
+@pytest.mark.timeout(300)
+def test_benchmark_pipeline(tmp_path):
+    out = tmp_path / "pipeline.json"
+    _run("benchmark_pipeline.py", "--pp", 2, "--multipliers", 1, 2, "--schedules", "1f1b", "--num-layers", 2,
+         "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16, "--micro-batch-size", 1,
+         "--vocab-size", 128, "--iters", 1, "--warmup-iters", 1, "--output", out)
+    d = json.loads(out.read_text())
+    assert len(d["results"]) == 2
+    bubbles = sorted(r["predicted_bubble_fraction"] for r in d["results"])
+    assert bubbles == pytest.approx([0.25, 0.5])  # (p-1)/(m v) for m = 4, 2
+
+
+def test_benchmark_preprocess(tmp_path, shared_data):
+    out = tmp_path / "preprocess.json"
+    r = _run("benchmark_preprocess.py", "--data-dir", shared_data, "--size-mb", 1, "--python-mb", 0.5,
+             "--work-dir", tmp_path / "work", "--output", out)
+    assert "identical output: True" in r.stdout
+    d = json.loads(out.read_text())
+    assert {row["path"] for row in d["rows"]} == {"fast", "python"}
