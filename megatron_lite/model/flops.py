@@ -39,25 +39,23 @@ def layer_forward_flops(model_cfg: ModelConfig, batch_size: int) -> float:
     return 8.0 * b * s * h * q + 4.0 * b * s * s * q + 4.0 * b * s * h * f
 
 
-def default_recomputed_layers(model_cfg: ModelConfig) -> int:
-    """Layers recomputed by --recompute-granularity full on a single pipeline stage."""
+def _recomputed_in_chunk(model_cfg: ModelConfig, layers: int) -> int:
+    """Layers that --recompute-granularity full recomputes in a chunk (pipeline stage) of ``layers``:
+    all of them with --recompute-method uniform, the first --recompute-num-layers with block."""
     if model_cfg.recompute_granularity != "full":
         return 0
     if model_cfg.recompute_method == "block":
-        return min(model_cfg.recompute_num_layers or 1, model_cfg.num_layers)
-    return model_cfg.num_layers
+        return min(model_cfg.recompute_num_layers or 1, layers)
+    return layers
 
 
 def recomputed_layer_count(config: Config) -> int:
-    """Layers recomputed across every pipeline stage and model chunk of ``config``'s layout
-    (--recompute-method block recomputes the first N layers of each chunk)."""
+    """Layers recomputed across every pipeline stage and model chunk of ``config``'s layout."""
     from megatron_lite.model.gpt import layers_for_stage, virtual_pipeline_size  # avoid a cycle
 
     m, par = config.model, config.parallel
-    if m.recompute_granularity != "full":
-        return 0
-    if m.recompute_method != "block":
-        return m.num_layers
+    if m.recompute_method != "block" or m.recompute_granularity != "full":
+        return _recomputed_in_chunk(m, m.num_layers)  # no layout dependence: all layers or none
     vp = virtual_pipeline_size(config)
     total = 0
     for pp_rank in range(par.pipeline_model_parallel_size):
@@ -65,7 +63,7 @@ def recomputed_layer_count(config: Config) -> int:
             _, count = layers_for_stage(m.num_layers, par.pipeline_model_parallel_size, pp_rank,
                                         par.decoder_first_pipeline_num_layers,
                                         par.decoder_last_pipeline_num_layers, vp, vp_rank)
-            total += min(m.recompute_num_layers or 1, count)
+            total += _recomputed_in_chunk(m, count)
     return total
 
 
@@ -77,7 +75,7 @@ def num_floating_point_operations(model_cfg: ModelConfig, batch_size: int,
     stage; pass ``recomputed_layer_count(config)`` for a pipelined layout with --recompute-method block.
     """
     if recomputed_layers is None:
-        recomputed_layers = default_recomputed_layers(model_cfg)
+        recomputed_layers = _recomputed_in_chunk(model_cfg, model_cfg.num_layers)
     layers = 3 * model_cfg.num_layers + recomputed_layers
     logits = 2.0 * batch_size * model_cfg.seq_length * model_cfg.hidden_size * _vocab(model_cfg)
     return layers * layer_forward_flops(model_cfg, batch_size) + 3 * logits

@@ -21,9 +21,9 @@ from torch import nn
 from megatron_lite.config import Config, ModelConfig, pad_vocab_size
 from megatron_lite.model.rotary import RotaryEmbedding
 from megatron_lite.model.transformer import TransformerBlock, resolve_attention_backend, seeded_init
-from megatron_lite.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron_lite.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, column_parallel_linear
 from megatron_lite.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_lite.parallel.mappings import copy_to_tp, gather_from_sequence_parallel, scatter_to_sequence_parallel
+from megatron_lite.parallel.mappings import scatter_to_sequence_parallel
 from megatron_lite.parallel.random import get_rng_tracker
 from megatron_lite.parallel.state import ParallelState, get_parallel_state
 
@@ -86,7 +86,7 @@ class GPTModel(nn.Module):
         self.vocab_size = padded_vocab_size(config, ps.tp_size)
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
         self.tie_word_embeddings = not config.untie_embeddings_and_output_weights
-        self.attention_backend = resolve_attention_backend(config, ps.device)
+        self.attention_backend = resolve_attention_backend(config)
         self.input_tensor: Optional[torch.Tensor] = None
 
         self.embedding = (GPTEmbedding(config, self.vocab_size, seed, self.sequence_parallel, ps)
@@ -171,13 +171,8 @@ class GPTModel(nn.Module):
         if self.output_layer is not None:
             logits, _ = self.output_layer(hidden)
             return logits
-        if self.sequence_parallel:
-            # Gather the sequence; every rank's head gradient w.r.t. the full sequence is partial
-            # (its vocab shard only), so the backward reduce-scatters it.
-            hidden = gather_from_sequence_parallel(hidden, tensor_parallel_output_grad=True, pstate=self.pstate)
-        else:
-            hidden = copy_to_tp(hidden, self.pstate)
-        return F.linear(hidden, self.shared_embedding_or_output_weight())
+        return column_parallel_linear(hidden, self.shared_embedding_or_output_weight(), None,
+                                      self.sequence_parallel, self.pstate)
 
 
 # ---- pipeline layout ------------------------------------------------------------------------

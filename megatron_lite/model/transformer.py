@@ -16,6 +16,7 @@ pipeline split start from the same model.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import zlib
 from typing import Optional
@@ -62,7 +63,7 @@ def _apex_fused_layer_norm():
     """
     try:
         from apex.normalization import FusedLayerNorm
-        import fused_layer_norm_cuda  # noqa: F401
+        importlib.import_module("fused_layer_norm_cuda")  # imported only to probe that it loads
     except Exception:  # ImportError, or a broken build failing while it loads
         return None
     return FusedLayerNorm
@@ -102,12 +103,12 @@ def layer_norm(config: ModelConfig, sequence_parallel: bool, device) -> nn.Modul
 
 # ---- attention backends -------------------------------------------------------------------
 
-def resolve_attention_backend(config: ModelConfig, device=None) -> str:
+def resolve_attention_backend(config: ModelConfig) -> str:
     """Pick the core-attention implementation once, at model build.
 
     'auto' -> 'sdpa' (torch's scaled_dot_product_attention: the fastest here on CPU and GPU)
-    when this torch has it, else 'unfused'. ``device`` is where the model runs; backends whose
-    availability depends on it (a Triton softmax kernel on CUDA) decide here too.
+    when this torch has it, else 'unfused'. Whether 'fused_softmax' actually runs the Triton
+    kernel (CUDA, triton importable, shapes that fit) is FusedScaleMaskSoftmax's decision.
     """
     choice = config.attention_backend
     if choice == "auto":

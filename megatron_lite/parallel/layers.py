@@ -29,9 +29,6 @@ from megatron_lite.parallel.utils import divide, vocab_range_for_rank
 
 InitMethod = Callable[[torch.Tensor], object]
 
-_TP_ATTRIBUTE_DEFAULTS = {"tensor_model_parallel": False, "partition_dim": -1, "partition_stride": 1}
-
-
 # ---- init methods ----------------------------------------------------------------------------
 
 def init_method_normal(std: float, seed: Optional[int] = None) -> InitMethod:
@@ -50,45 +47,21 @@ def init_method_normal(std: float, seed: Optional[int] = None) -> InitMethod:
     return init_
 
 
-def scaled_init_method_normal(std: float, num_layers: int, seed: Optional[int] = None) -> InitMethod:
-    """N(0, std / sqrt(2 * num_layers)): GPT-2's init for projections that feed the residual."""
-    return init_method_normal(std / (2.0 * num_layers) ** 0.5, seed=seed)
-
-
 # ---- TP parameter attributes -----------------------------------------------------------------
 
 def set_tensor_model_parallel_attributes(tensor: torch.Tensor, is_parallel: bool, dim: int,
                                          stride: int = 1) -> None:
-    """Mark how ``tensor`` is split over TP ranks (read by grad clipping and checkpoint resharding)."""
+    """Mark how ``tensor`` is split over TP ranks (grad clipping counts replicated params once;
+    the optimizer copies these attributes onto its fp32 master weights)."""
     tensor.tensor_model_parallel = is_parallel
     tensor.partition_dim = dim
     tensor.partition_stride = stride
-
-
-def set_defaults_if_not_set_tensor_model_parallel_attributes(tensor: torch.Tensor) -> None:
-    for name, value in _TP_ATTRIBUTE_DEFAULTS.items():
-        if not hasattr(tensor, name):
-            setattr(tensor, name, value)
-
-
-def copy_tensor_model_parallel_attributes(destination: torch.Tensor, source: torch.Tensor) -> None:
-    """Carry TP attributes to a copy of a parameter (e.g. an fp32 master weight)."""
-    for name, value in _TP_ATTRIBUTE_DEFAULTS.items():
-        setattr(destination, name, getattr(source, name, value))
-    if getattr(source, "sequence_parallel", False):
-        destination.sequence_parallel = True
 
 
 def param_is_tp_duplicate(param: torch.Tensor, pstate: Optional[ParallelState] = None) -> bool:
     """True for a replicated (not TP-split) parameter on TP rank > 0: count it once, on rank 0."""
     ps = pstate if pstate is not None else get_parallel_state()
     return not getattr(param, "tensor_model_parallel", False) and ps.tp_rank > 0
-
-
-def param_is_not_tensor_parallel_duplicate(param: torch.Tensor,
-                                           pstate: Optional[ParallelState] = None) -> bool:
-    """Megatron's name for ``not param_is_tp_duplicate``."""
-    return not param_is_tp_duplicate(param, pstate)
 
 
 def _init_sharded_weight(param: nn.Parameter, full_shape: Tuple[int, int], partition_dim: int,
@@ -126,6 +99,22 @@ def _resolve(pstate: Optional[ParallelState], device) -> Tuple[ParallelState, to
 
 
 # ---- layers ----------------------------------------------------------------------------------
+
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           sequence_parallel: bool, pstate: ParallelState) -> torch.Tensor:
+    """Enter the TP region and multiply by this rank's output-feature shard ``weight``.
+
+    Every rank's gradient w.r.t. x covers only its shard's outputs, so the backward sums it over
+    TP (``copy_to_tp``) or, with sequence parallelism, gathers the sequence on the way in and
+    reduce-scatters that gradient on the way out. Also the tied LM head's logits (Megatron's
+    parallel_lm_logits), which multiply by the word-embedding shard.
+    """
+    if sequence_parallel:
+        x = gather_from_sequence_parallel(x, tensor_parallel_output_grad=True, pstate=pstate)
+    else:
+        x = copy_to_tp(x, pstate)
+    return F.linear(x, weight, bias)
+
 
 class ColumnParallelLinear(_TPModule):
     """Y = X A^T + b with A split by rows (output features) over TP ranks.
@@ -168,12 +157,8 @@ class ColumnParallelLinear(_TPModule):
         if weight.shape != (self.output_size_per_partition, self.input_size):
             raise ValueError(f"ColumnParallelLinear: weight shard {tuple(weight.shape)} != "
                              f"{(self.output_size_per_partition, self.input_size)}")
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel(x, tensor_parallel_output_grad=True, pstate=self.pstate)
-        else:
-            x = copy_to_tp(x, self.pstate)
         bias = None if self.skip_bias_add else self.bias
-        out = F.linear(x, weight, bias)
+        out = column_parallel_linear(x, weight, bias, self.sequence_parallel, self.pstate)
         if self.gather_output:
             out = gather_from_tp(out, self.pstate)
         return out, (self.bias if self.skip_bias_add else None)

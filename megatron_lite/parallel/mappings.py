@@ -46,16 +46,11 @@ def _all_reduce(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     return out
 
 
-def _split_last(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+def _split(x: torch.Tensor, ps: ParallelState, dim: int) -> torch.Tensor:
+    """This rank's chunk of ``dim`` (a fresh contiguous tensor, not a view of x)."""
     if ps.tp_size == 1:
         return x
-    return split_tensor_along_dim(x, ps.tp_size, dim=-1)[ps.tp_rank].contiguous()
-
-
-def _split_first(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
-    if ps.tp_size == 1:
-        return x
-    return split_tensor_along_dim(x, ps.tp_size, dim=0)[ps.tp_rank].contiguous()
+    return split_tensor_along_dim(x, ps.tp_size, dim=dim)[ps.tp_rank].contiguous()
 
 
 def _gather_first(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
@@ -90,7 +85,7 @@ def _reduce_scatter_first(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
         _reduce_scatter_single(out, x, group=ps.tp_group)
         return out
     # Gloo lacks a native reduce-scatter on older torch: all-reduce, then keep our rows.
-    return _split_first(_all_reduce(x, ps), ps)
+    return _split(_all_reduce(x, ps), ps, 0)
 
 
 # ---- autograd functions --------------------------------------------------------------------
@@ -120,7 +115,7 @@ class _ScatterToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ps):
         ctx.ps = ps
-        return _split_last(x, ps)
+        return _split(x, ps, -1)
 
     @staticmethod
     def backward(ctx, grad):
@@ -135,14 +130,14 @@ class _GatherFromTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _split_last(grad, ctx.ps), None
+        return _split(grad, ctx.ps, -1), None
 
 
 class _ScatterToSequenceParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ps):
         ctx.ps = ps
-        return _split_first(x, ps)
+        return _split(x, ps, 0)
 
     @staticmethod
     def backward(ctx, grad):
@@ -163,7 +158,7 @@ class _GatherFromSequenceParallel(torch.autograd.Function):
         # gradient is already complete and identical on every rank: just keep our rows.
         if ctx.tensor_parallel_output_grad:
             return _reduce_scatter_first(grad, ctx.ps), None, None
-        return _split_first(grad, ctx.ps), None, None
+        return _split(grad, ctx.ps, 0), None, None
 
 
 class _ReduceScatterToSequenceParallel(torch.autograd.Function):

@@ -9,7 +9,7 @@ the two cannot drift apart.
 Semantics follow Megatron-LM's ``megatron/core/pipeline_parallel/schedules.py``:
 - GPipe: every forward, then every backward (micro-batches in the same order).
 - 1F1B: ``min(pp - rank - 1, m)`` warm-up forwards, then one-forward-one-backward, then the
-  remaining backwards; at most ``pp - rank`` micro-batches are in flight on a stage.
+  remaining backwards; at most ``min(pp - rank, m)`` micro-batches are in flight on a stage.
 - Interleaved 1F1B: ``v`` model chunks per stage; forwards walk the chunks in groups of ``pp``
   micro-batches (chunk 0 for micro-batches 0..pp-1, chunk 1 for the same ones, ...), backwards
   walk them in reverse chunk order; warm-up is ``(pp - rank - 1) * 2 + (v - 1) * pp``.
@@ -49,12 +49,22 @@ def check_microbatches(num_microbatches: int, pp_size: int, schedule: str, num_c
                             "(--num-layers-per-virtual-pipeline-stage)")
 
 
-# ---- GPipe -------------------------------------------------------------------------------
-def gpipe_order(pp_size: int, pp_rank: int, num_microbatches: int, forward_only: bool = False) -> List[Step]:
-    order = [Step("F", i) for i in range(num_microbatches)]
-    if not forward_only:
-        order += [Step("B", i) for i in range(num_microbatches)]
+def _warmup_steady_cooldown(total: int, warmup: int, forward_only: bool, fwd, bwd) -> List[Step]:
+    """The shape every schedule shares: forwards 0..warmup-1, then F(warmup + k) B(k) pairs, then
+    the remaining backwards; ``fwd(k)`` / ``bwd(k)`` name the k-th forward / backward step."""
+    order = [fwd(k) for k in range(warmup)]
+    if forward_only:
+        return order
+    for k in range(total - warmup):
+        order += [fwd(warmup + k), bwd(k)]
+    order += [bwd(k) for k in range(total - warmup, total)]
     return order
+
+
+# ---- GPipe: 1F1B whose warm-up is every micro-batch ---------------------------------------
+def gpipe_order(pp_size: int, pp_rank: int, num_microbatches: int, forward_only: bool = False) -> List[Step]:
+    return _warmup_steady_cooldown(num_microbatches, num_microbatches, forward_only,
+                                   lambda k: Step("F", k), lambda k: Step("B", k))
 
 
 # ---- 1F1B --------------------------------------------------------------------------------
@@ -66,13 +76,8 @@ def one_f_one_b_warmup(pp_size: int, pp_rank: int, num_microbatches: int, forwar
 
 def one_f_one_b_order(pp_size: int, pp_rank: int, num_microbatches: int, forward_only: bool = False) -> List[Step]:
     warmup = one_f_one_b_warmup(pp_size, pp_rank, num_microbatches, forward_only)
-    order = [Step("F", i) for i in range(warmup)]
-    if forward_only:
-        return order
-    for i in range(num_microbatches - warmup):  # steady state: F(warmup + i) then B(i)
-        order += [Step("F", warmup + i), Step("B", i)]
-    order += [Step("B", i) for i in range(num_microbatches - warmup, num_microbatches)]
-    return order
+    return _warmup_steady_cooldown(num_microbatches, warmup, forward_only,
+                                   lambda k: Step("F", k), lambda k: Step("B", k))
 
 
 # ---- interleaved 1F1B --------------------------------------------------------------------
@@ -98,24 +103,13 @@ def interleaved_warmup(pp_size: int, pp_rank: int, num_microbatches: int, num_ch
 
 def interleaved_order(pp_size: int, pp_rank: int, num_microbatches: int, num_chunks: int,
                       forward_only: bool = False) -> List[Step]:
-    total = num_microbatches * num_chunks
-    warmup = interleaved_warmup(pp_size, pp_rank, num_microbatches, num_chunks, forward_only)
+    def step(kind, k):
+        return Step(kind, interleaved_microbatch_id(k, pp_size, num_chunks),
+                    interleaved_chunk_id(k, pp_size, num_chunks, kind == "F"))
 
-    def fwd(k):
-        return Step("F", interleaved_microbatch_id(k, pp_size, num_chunks),
-                    interleaved_chunk_id(k, pp_size, num_chunks, True))
-
-    def bwd(k):
-        return Step("B", interleaved_microbatch_id(k, pp_size, num_chunks),
-                    interleaved_chunk_id(k, pp_size, num_chunks, False))
-
-    order = [fwd(k) for k in range(warmup)]
-    if forward_only:
-        return order
-    for k in range(total - warmup):
-        order += [fwd(warmup + k), bwd(k)]
-    order += [bwd(k) for k in range(total - warmup, total)]
-    return order
+    return _warmup_steady_cooldown(num_microbatches * num_chunks,
+                                   interleaved_warmup(pp_size, pp_rank, num_microbatches, num_chunks, forward_only),
+                                   forward_only, lambda k: step("F", k), lambda k: step("B", k))
 
 
 def schedule_order(schedule: str, pp_size: int, pp_rank: int, num_microbatches: int,

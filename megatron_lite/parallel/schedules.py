@@ -12,8 +12,11 @@ the micro-batch's tokens. Each schedule divides the loss by ``num_microbatches``
 backward, so gradients accumulate to the mean over this data-parallel rank's global batch. The
 return value is the list of per-micro-batch loss dicts on the last stage, ``[]`` elsewhere.
 
-Each pipeline schedule is one function: a plain loop over ``p2p`` calls in the order that
-``schedule_orders`` writes down. Pass ``stats=ScheduleStats()`` to record the order actually
+Each pipeline schedule is a plain loop over ``p2p`` calls in the order that ``schedule_orders``
+writes down (GPipe and 1F1B share one loop: GPipe is 1F1B with every micro-batch in warm-up);
+``PipelineRun`` holds what the loops have in common. GPipe and 1F1B run any number of
+micro-batches (fewer than stages only widens the bubble); interleaving needs a multiple of PP.
+Pass ``stats=ScheduleStats()`` to record the order actually
 run and the activation memory held between a micro-batch's forward and its backward.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_lite.parallel import schedule_orders as orders
-from megatron_lite.parallel.p2p import P2PCommunicator
+from megatron_lite.parallel.pipeline_run import PipelineRun
 from megatron_lite.parallel.schedule_orders import ScheduleError, check_microbatches
 from megatron_lite.parallel.schedule_stats import ScheduleStats
 from megatron_lite.parallel.schedule_steps import (as_chunks, backward_step, deallocate_output_tensor,
@@ -71,7 +74,11 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
                                    forward_only: bool = False, grad_scale=None, dtype=torch.float32,
                                    sequence_parallel: bool = False, collect_non_loss_data: bool = False,
                                    no_sync_func=None, stats: Optional[ScheduleStats] = None) -> list:
-    """Gradient accumulation over micro-batches on one stage (PP == 1)."""
+    """Gradient accumulation over micro-batches on one stage (PP == 1).
+
+    The activation shape, ``pstate``, ``dtype`` and ``sequence_parallel`` are accepted so that every
+    schedule takes the same arguments; nothing is sent, so they are unused here.
+    """
     chunks = as_chunks(model)
     if len(chunks) != 1:
         raise ScheduleError("without pipelining the model is one module (got %d chunks)" % len(chunks))
@@ -99,96 +106,8 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
 
 
 # ---- pipelines -------------------------------------------------------------------------------
-class _Run:
-    """What every pipeline loop needs: checked arguments, the communicator, one forward/backward."""
-
-    def __init__(self, schedule, forward_step_func, data_iterator, model, num_microbatches, seq_length,
-                 micro_batch_size, hidden_size, pstate, forward_only, grad_scale, dtype, sequence_parallel,
-                 collect_non_loss_data, no_sync_func, stats):
-        self.pstate = pstate if pstate is not None else get_parallel_state()
-        self.chunks = as_chunks(model)
-        vp = len(self.chunks)
-        # Every rank checks the same numbers, so all raise together before any transfer.
-        check_microbatches(num_microbatches, self.pstate.pp_size, schedule, vp)
-        if schedule != "interleaved" and vp != 1:
-            raise ScheduleError(f"the {schedule} schedule runs one model chunk per stage, got {vp}; "
-                                "use the interleaved schedule for virtual pipeline stages")
-        if schedule == "interleaved" and self.pstate.virtual_pp_size != vp:
-            raise ScheduleError(f"{vp} model chunks but the parallel state's virtual pipeline size is "
-                                f"{self.pstate.virtual_pp_size}; pass virtual_pipeline={vp} to initialize_parallel")
-        if None in (seq_length, micro_batch_size, hidden_size):
-            raise ScheduleError("pipeline schedules need seq_length, micro_batch_size and hidden_size "
-                                "(the shape of the activations sent between stages)")
-        seq = seq_length // self.pstate.tp_size if sequence_parallel else seq_length
-        self.comm = P2PCommunicator(self.pstate, (seq, micro_batch_size, hidden_size), dtype)
-        self.iterators = _iterators_per_chunk(data_iterator, vp, num_microbatches)
-        self.forward_step_func, self.m = forward_step_func, num_microbatches
-        self.forward_only, self.grad_scale = forward_only, grad_scale
-        self.collect_non_loss_data, self.no_sync_func = collect_non_loss_data, no_sync_func
-        self.stats = stats if stats is not None else ScheduleStats(enabled=False)
-        self.stats.begin(self.chunks)
-        self.store: list = []
-        self._sync = None
-        if not forward_only:
-            self._sync = no_sync_context(self.chunks, no_sync_func)
-            self._sync.__enter__()
-
-    def set_chunk(self, chunk: int) -> None:
-        """First/last-stage checks (in the model and in p2p) depend on the running chunk."""
-        if self.pstate.virtual_pp_size is not None:
-            self.pstate.virtual_pp_rank = chunk
-
-    def forward(self, input_tensor, microbatch: int, chunk: int = 0):
-        self.set_chunk(chunk)
-        with torch.set_grad_enabled(not self.forward_only), self.stats.forward(microbatch, chunk, input_tensor):
-            out = forward_step(self.forward_step_func, self.iterators[chunk], self.chunks[chunk], input_tensor,
-                               self.m, self.store, self.pstate.is_pipeline_last_stage(),
-                               self.collect_non_loss_data)
-        return out
-
-    def backward(self, input_tensor, output_tensor, output_tensor_grad, microbatch: int, chunk: int = 0,
-                 last: bool = False):
-        self.set_chunk(chunk)
-        if last and self._sync is not None:
-            self._sync.__exit__(None, None, None)  # the last backward reduces DP grads
-            self._sync = None
-        grad = backward_step(input_tensor, output_tensor, output_tensor_grad, self.grad_scale)
-        self.stats.backward(microbatch, chunk)
-        return grad
-
-    def abort(self) -> None:
-        if self._sync is not None:
-            self._sync.__exit__(None, None, None)
-            self._sync = None
-        self.set_chunk(0)
-
-    def finish(self) -> list:
-        if self._sync is not None:
-            self._sync.__exit__(None, None, None)
-        self.stats.p2p_seconds = self.comm.seconds_blocked
-        self.set_chunk(0)
-        return self.store if self.pstate.is_pipeline_last_stage(ignore_virtual=True) else []
-
-
-def _iterators_per_chunk(data_iterator, num_chunks: int, num_microbatches: int):
-    """One iterator per model chunk. Megatron passes a list; a single iterator given for several
-    chunks is read ``num_microbatches`` times up front so that every chunk sees the same batches."""
-    if isinstance(data_iterator, (list, tuple)):
-        if len(data_iterator) != num_chunks:
-            raise ScheduleError(f"{len(data_iterator)} data iterators for {num_chunks} model chunks")
-        return list(data_iterator)
-    if data_iterator is None or num_chunks == 1:
-        return [data_iterator] * num_chunks
-    batches = [next(data_iterator) for _ in range(num_microbatches)]
-    return [iter(batches) for _ in range(num_chunks)]
-
-
-def _pipeline_kwargs(kwargs):
-    keys = ("forward_step_func", "data_iterator", "model", "num_microbatches", "seq_length",
-            "micro_batch_size", "hidden_size", "pstate", "forward_only", "grad_scale", "dtype",
-            "sequence_parallel", "collect_non_loss_data", "no_sync_func", "stats")
-    return [kwargs[k] for k in keys]
-
+# Each pipeline schedule opens ``PipelineRun(schedule, **locals())`` as its first statement: at that
+# point locals() holds exactly the keyword arguments, which the three schedules share.
 
 def forward_backward_pipelining_gpipe(*, forward_step_func, data_iterator, model, num_microbatches: int,
                                       seq_length: int, micro_batch_size: int, hidden_size: int,
@@ -196,30 +115,13 @@ def forward_backward_pipelining_gpipe(*, forward_step_func, data_iterator, model
                                       grad_scale=None, dtype=torch.float32, sequence_parallel: bool = False,
                                       collect_non_loss_data: bool = False, no_sync_func=None,
                                       stats: Optional[ScheduleStats] = None) -> list:
-    """GPipe: all forwards, then all backwards; every micro-batch's activations are held at once."""
-    run = _Run("gpipe", *_pipeline_kwargs(locals()))
-    try:
-        comm, m = run.comm, num_microbatches
-        inputs, outputs = [], []
-        for i in range(m):
-            x = comm.recv_forward()
-            y = run.forward(x, i)
-            comm.send_forward(y)
-            if not forward_only:
-                if not run.pstate.is_pipeline_last_stage():
-                    deallocate_output_tensor(y)
-                inputs.append(x)
-                outputs.append(y)
-        if not forward_only:
-            for i in range(m):
-                dy = comm.recv_backward()
-                dx = run.backward(inputs[i], outputs[i], dy, i, last=i == m - 1)
-                inputs[i] = outputs[i] = None  # free as we go
-                comm.send_backward(dx)
+    """GPipe: all forwards, then all backwards; every micro-batch's activations are held at once.
+
+    That is 1F1B whose warm-up covers every micro-batch (no steady state), so it runs 1F1B's loop.
+    """
+    with PipelineRun("gpipe", **locals()) as run:
+        _one_f_one_b(run, warmup=num_microbatches)
         return run.finish()
-    except BaseException:
-        run.abort()  # leave no DP no-sync context open and no chunk index behind
-        raise
 
 
 def forward_backward_pipelining_without_interleaving(
@@ -228,52 +130,53 @@ def forward_backward_pipelining_without_interleaving(
         forward_only: bool = False, grad_scale=None, dtype=torch.float32, sequence_parallel: bool = False,
         collect_non_loss_data: bool = False, no_sync_func=None, stats: Optional[ScheduleStats] = None) -> list:
     """1F1B: warm-up forwards, steady one-forward-one-backward, cool-down backwards."""
-    run = _Run("1f1b", *_pipeline_kwargs(locals()))
-    try:
-        comm, m, ps = run.comm, num_microbatches, run.pstate
-        warmup = orders.one_f_one_b_warmup(ps.pp_size, ps.pp_rank, m, forward_only)
-        remaining = m - warmup
-        inputs, outputs = [], []
-        is_last = ps.is_pipeline_last_stage()
+    with PipelineRun("1f1b", **locals()) as run:
+        ps = run.pstate
+        _one_f_one_b(run, orders.one_f_one_b_warmup(ps.pp_size, ps.pp_rank, num_microbatches, forward_only))
+        return run.finish()
 
-        for i in range(warmup):
-            x = comm.recv_forward()
-            y = run.forward(x, i)
-            comm.send_forward(y)
-            if not forward_only:
-                inputs.append(x)
-                outputs.append(y)
-                if not is_last:
-                    deallocate_output_tensor(y)
 
-        x = comm.recv_forward() if remaining > 0 else None
-        for i in range(remaining):
-            last_iteration = i == remaining - 1
-            y = run.forward(x, warmup + i)
-            if forward_only:
-                comm.send_forward(y)
-                x = None if last_iteration else comm.recv_forward()
-                continue
-            dy = comm.send_forward_recv_backward(y)
+def _one_f_one_b(run: PipelineRun, warmup: int) -> None:
+    """``warmup`` forwards, then alternate forward / backward, then the remaining backwards."""
+    comm, m, forward_only = run.comm, run.num_microbatches, run.forward_only
+    remaining = m - warmup
+    inputs, outputs = [], []
+    is_last = run.pstate.is_pipeline_last_stage()
+
+    for i in range(warmup):
+        x = comm.recv_forward()
+        y = run.forward(x, i)
+        comm.send_forward(y)
+        if not forward_only:
             inputs.append(x)
             outputs.append(y)
             if not is_last:
                 deallocate_output_tensor(y)
-            dx = run.backward(inputs.pop(0), outputs.pop(0), dy, i, last=warmup == 0 and last_iteration)
-            if last_iteration:
-                comm.send_backward(dx)
-            else:
-                x = comm.send_backward_recv_forward(dx)
 
-        if not forward_only:
-            for i in range(remaining, m):
-                dy = comm.recv_backward()
-                dx = run.backward(inputs.pop(0), outputs.pop(0), dy, i, last=i == m - 1)
-                comm.send_backward(dx)
-        return run.finish()
-    except BaseException:
-        run.abort()  # leave no DP no-sync context open and no chunk index behind
-        raise
+    x = comm.recv_forward() if remaining > 0 else None
+    for i in range(remaining):
+        last_iteration = i == remaining - 1
+        y = run.forward(x, warmup + i)
+        if forward_only:
+            comm.send_forward(y)
+            x = None if last_iteration else comm.recv_forward()
+            continue
+        dy = comm.send_forward_recv_backward(y)
+        inputs.append(x)
+        outputs.append(y)
+        if not is_last:
+            deallocate_output_tensor(y)
+        dx = run.backward(inputs.pop(0), outputs.pop(0), dy, i, last=warmup == 0 and last_iteration)
+        if last_iteration:
+            comm.send_backward(dx)
+        else:
+            x = comm.send_backward_recv_forward(dx)
+
+    if not forward_only:
+        for i in range(remaining, m):  # popping frees each micro-batch's graph as soon as it is done
+            dy = comm.recv_backward()
+            dx = run.backward(inputs.pop(0), outputs.pop(0), dy, i, last=i == m - 1)
+            comm.send_backward(dx)
 
 
 def forward_backward_pipelining_with_interleaving(
@@ -286,8 +189,7 @@ def forward_backward_pipelining_with_interleaving(
     Chunk c of stage r holds virtual stage ``c * pp + r``; activations leave the last rank's
     chunk c for rank 0's chunk c + 1 (p2p neighbours wrap around the ring).
     """
-    run = _Run("interleaved", *_pipeline_kwargs(locals()))
-    try:
+    with PipelineRun("interleaved", **locals()) as run:
         comm, ps, m = run.comm, run.pstate, num_microbatches
         pp, vp = ps.pp_size, len(run.chunks)
         total = m * vp
@@ -396,6 +298,3 @@ def forward_backward_pipelining_with_interleaving(
                 if recv_next:
                     output_grads[next_bc].append(dy)
         return run.finish()
-    except BaseException:
-        run.abort()  # leave no DP no-sync context open and no chunk index behind
-        raise
