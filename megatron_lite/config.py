@@ -1,7 +1,8 @@
 """Typed configuration built from Megatron-LM-spelled command-line flags.
 
 Each dataclass field is named exactly as the argparse dest of its flag
-(``--tensor-model-parallel-size`` -> ``tensor_model_parallel_size``), so ``from_namespace``
+(``--tensor-model-parallel-size`` -> ``tensor_model_parallel_size``; the flags are defined in
+``megatron_lite.arguments``, re-exported here as ``build_parser``), so ``from_namespace``
 fills them by name. ``validate`` checks every combination once, before any process group
 exists, and raises ``ConfigError`` with one message naming the flags and what to do.
 Configs are plain data (``asdict``) so checkpoints can store them.
@@ -13,6 +14,8 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
+
+from megatron_lite.arguments import build_parser
 
 
 class ConfigError(ValueError):
@@ -152,126 +155,21 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         """Inverse of to_dict; keys this version does not know (from an older or newer run) are dropped."""
-        def build(sub_cls, values):
-            known = {f.name for f in fields(sub_cls)}
-            return sub_cls(**{k: v for k, v in values.items() if k in known})
-        return cls(model=build(ModelConfig, d["model"]), parallel=build(ParallelConfig, d["parallel"]),
-                   optim=build(OptimizerConfig, d["optim"]), data=build(DataConfig, d["data"]),
-                   train=build(TrainConfig, d["train"]))
+        return cls(**{name: _from_known_fields(section, d[name]) for name, section in _SECTIONS})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron_lite.pretrain_gpt",
-                                description="Pretrain a GPT with tensor/pipeline/data parallelism.",
-                                allow_abbrev=False)
-    g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, default=4)
-    g.add_argument("--hidden-size", type=int, default=128)
-    g.add_argument("--ffn-hidden-size", type=int, default=None)
-    g.add_argument("--num-attention-heads", type=int, default=4)
-    g.add_argument("--seq-length", type=int, default=128)
-    g.add_argument("--max-position-embeddings", type=int, default=None)
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
-    g.add_argument("--rotary-base", type=float, default=10000.0)
-    g.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size when no tokenizer files are given (mock data, tests)")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--hidden-dropout", type=float, default=0.1)
-    g.add_argument("--attention-dropout", type=float, default=0.1)
-    g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--attention-backend", choices=["auto", "unfused", "fused_softmax", "sdpa"], default="auto")
-    g.add_argument("--no-masked-softmax-fusion", dest="masked_softmax_fusion", action="store_false")
-    g.add_argument("--attention-softmax-in-fp32", action="store_true",
-                   help="with --fp16/--bf16, compute the unfused attention softmax in fp32 (fp32 runs are "
-                        "unaffected; the Triton kernel always computes in fp32)")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
-    g.add_argument("--recompute-num-layers", type=int, default=None)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--fp16", action="store_true")
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--eod-mask-loss", action="store_true")
-    g.add_argument("--reset-position-ids", action="store_true")
-    g.add_argument("--reset-attention-mask", action="store_true")
-
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
-    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
-    g.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b", "interleaved"], default=None)
-    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None)
-    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
-    g.add_argument("--ddp-bucket-size", type=int, default=None)
-
-    g = p.add_argument_group("optimizer and learning rate")
-    g.add_argument("--optimizer", choices=["adam"], default="adam")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear")
-    g.add_argument("--lr-decay-iters", type=int, default=None)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-warmup-fraction", type=float, default=None)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--loss-scale", type=float, default=None)
-    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
-    g.add_argument("--min-loss-scale", type=float, default=1.0)
-    g.add_argument("--loss-scale-window", type=int, default=1000)
-    g.add_argument("--hysteresis", type=int, default=2)
-
-    g = p.add_argument_group("data and tokenizer")
-    g.add_argument("--data-path", nargs="*", default=None,
-                   help="PREFIX, or a weighted list: W1 PREFIX1 W2 PREFIX2 ...")
-    g.add_argument("--split", default="969,30,1")
-    g.add_argument("--data-cache-path", default=None)
-    g.add_argument("--tokenizer-type", default="GPT2BPETokenizer",
-                   choices=["GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer"])
-    g.add_argument("--vocab-file", default=None)
-    g.add_argument("--merge-file", default=None)
-    g.add_argument("--tokenizer-model", default=None)
-    g.add_argument("--mock-data", action="store_true", help="random tokens instead of --data-path")
-
-    g = p.add_argument_group("training, logging, checkpoints")
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--train-iters", type=int, default=100)
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=10)
-    g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--exit-interval", type=int, default=None)
-    g.add_argument("--exit-duration-in-mins", type=float, default=None)
-    g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--metrics-jsonl", default=None, help="(megatron_lite) one JSON line per logged iteration")
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="(megatron_lite) device peak TFLOP/s for MFU; MFU is reported only when given")
-    g.add_argument("--log-num-zeros-in-grad", action="store_true")
-    g.add_argument("--dry-run", action="store_true",
-                   help="(megatron_lite) validate the flags against WORLD_SIZE, print the config, exit")
-    return p
+_SECTIONS = (("model", ModelConfig), ("parallel", ParallelConfig), ("optim", OptimizerConfig),
+             ("data", DataConfig), ("train", TrainConfig))
 
 
-def _take(cls, ns):
-    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+def _from_known_fields(section_cls, values: dict):
+    """``section_cls`` from the entries of ``values`` named like its fields; other entries are ignored."""
+    return section_cls(**{f.name: values[f.name] for f in fields(section_cls) if f.name in values})
 
 
 def from_namespace(ns: argparse.Namespace) -> Config:
-    return Config(model=_take(ModelConfig, ns), parallel=_take(ParallelConfig, ns),
-                  optim=_take(OptimizerConfig, ns), data=_take(DataConfig, ns), train=_take(TrainConfig, ns))
+    """Each section takes the flags whose dest is one of its fields."""
+    return Config(**{name: _from_known_fields(section, vars(ns)) for name, section in _SECTIONS})
 
 
 def parse_args(argv: Optional[List[str]] = None) -> Config:
@@ -445,12 +343,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                 need(os.path.isfile(prefix + ext),
                      f"--data-path: {prefix}{ext} does not exist; preprocess the corpus with "
                      "tools/preprocess_data.py or fix the prefix (no .bin/.idx suffix)")
+        from megatron_lite.data.gpt_dataset import GPTDatasetError, parse_split  # numpy, not torch
         try:
-            split = [float(s) for s in d.split.replace("/", ",").split(",")]
-        except ValueError:
-            raise ConfigError(f"--split must be like 969,30,1, got {d.split!r}") from None
-        need(len(split) <= 3 and all(s >= 0 for s in split) and sum(split) > 0,
-             f"--split must be up to three non-negative numbers like 969,30,1, got {d.split!r}")
+            parse_split(d.split)  # the parser the datasets use, so both accept the same strings
+        except GPTDatasetError as e:
+            raise ConfigError(str(e)) from None
     if d.tokenizer_type == "GPT2BPETokenizer" and not (d.mock_data and m.vocab_size):
         for flag, path in (("--vocab-file", d.vocab_file), ("--merge-file", d.merge_file)):
             need(path is not None, f"{flag} is required with --tokenizer-type GPT2BPETokenizer")

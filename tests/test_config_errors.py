@@ -111,6 +111,18 @@ def test_unwritable_output_path_is_refused_before_training(tmp_path, flag, path,
     assert fragment.format(**names) in str(info.value)
 
 
+@pytest.mark.parametrize("split", ["80,,20", "inf,1,1", "1,2,3,4", "a,b"])
+def test_split_is_checked_by_the_parser_the_datasets_use(tmp_path, split):
+    prefix = str(tmp_path / "corpus")
+    for ext in (".bin", ".idx"):  # validate() checks only that the pair exists
+        open(prefix + ext, "wb").close()
+    argv = [a for a in MOCK if a != "--mock-data"] + [
+        "--data-path", prefix, "--split", split, "--vocab-file", os.path.join(TOKENIZER, "vocab.json"),
+        "--merge-file", os.path.join(TOKENIZER, "merges.txt")]
+    with pytest.raises(ConfigError, match=f"--split .*got '{split}'"):
+        validate(parse_args(argv), 1)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
 @pytest.mark.parametrize("flag,path", [("--metrics-jsonl", "/proc/nope/m.jsonl"), ("--save", "/proc/nope/ckpt"),
                                        ("--tensorboard-dir", "/proc/nope")])

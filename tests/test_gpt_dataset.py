@@ -125,6 +125,8 @@ def test_megatron_split_rounding():
     assert split_document_ranges("2/1/1", 9) == [(0, 5), (5, 7), (7, 9)]
     with pytest.raises(GPTDatasetError, match="--split"):
         split_document_ranges("a,b", 10)
+    with pytest.raises(GPTDatasetError, match="--split"):  # not 80,20: that would move 20% to valid
+        split_document_ranges("80,,20", 10)
 
 
 def test_splits_end_to_end_through_real_shards(tmp_path):

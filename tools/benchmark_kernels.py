@@ -73,7 +73,6 @@ def copy_bandwidth_gbs(args) -> float:
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src), args)
     gbs = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
-    del src, dst
     return gbs
 
 
@@ -120,17 +119,17 @@ def run_case(bh: int, s: int, args, copy_gbs: float) -> dict:
     dy = torch.randn_like(y)
     row["bwd"] = {"triton": measure(
         lambda: triton_softmax.softmax_backward(dy, y, args.scale, causal, args.max_block), bwd_bytes, args)}
-    del y
+    y = None
     try:
         xr = x.detach().requires_grad_(True)
         yr = scale_mask_softmax_reference(xr, mask, args.scale, causal)
         row["bwd"]["torch"] = measure(
             lambda: torch.autograd.grad(yr, xr, dy, retain_graph=True), bwd_bytes, args)
-        del yr
+        yr = None
         ys = torch.softmax(xr, dim=-1)
         row["bwd"]["softmax"] = measure(
             lambda: torch.autograd.grad(ys, xr, dy, retain_graph=True), bwd_bytes, args)
-        del ys
+        ys = None
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         row["bwd"].setdefault("torch", {"error": "OOM"})
@@ -141,7 +140,7 @@ def run_case(bh: int, s: int, args, copy_gbs: float) -> dict:
             t["pct_of_copy"] = 100.0 * t["gbs"] / copy_gbs
         if "ms" in t and "ms" in row[d]["torch"]:
             row[d]["speedup_vs_torch"] = row[d]["torch"]["ms"] / t["ms"]
-    del x, dy
+    x = dy = None  # assigned rather than deleted: the lambdas above close over them
     torch.cuda.empty_cache()
     return row
 

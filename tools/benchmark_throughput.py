@@ -3,7 +3,7 @@
 
 One step = forward + backward + optimizer step of megatron_lite's GPTModel with the project's
 optimizer (megatron_lite.optim.optimizer.build_optimizer: AdamW, fp32 master weights for bf16/fp16;
-torch.optim.AdamW when that module is absent; the table says which). FLOPs are the model's
+the table names the optimizer class). FLOPs are the model's
 analytic count (megatron_lite.model.flops, Megatron-LM's formula: matmuls only, backward = 2 x
 forward), so TFLOP/s is model FLOP/s, and MFU = TFLOP/s / peak. Peak memory is the CUDA allocator's
 max allocated on a GPU, the process's peak RSS on CPU. Times are medians of --iters steps.
@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from megatron_lite.config import ModelConfig, OptimizerConfig, pad_vocab_size  # noqa: E402
 from megatron_lite.io_utils import write_json_atomic  # noqa: E402
 from megatron_lite.model.flops import count_parameters, num_floating_point_operations  # noqa: E402
+from megatron_lite.optim.optimizer import build_optimizer as build_megatron_optimizer  # noqa: E402
 from megatron_lite.parallel.state import ParallelState  # noqa: E402
 from megatron_lite.training.metrics import memory_stats, throughput  # noqa: E402
 
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
                    help="default: 125M 350M 760M 1.3B on cuda, tiny on cpu")
     p.add_argument("--seq-lengths", type=int, nargs="+", default=None, help="default: 1024 2048 (cuda), 128 (cpu)")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="default: 4 (cuda), 4 (cpu)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="default: 4")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--attention-backend", choices=["auto", "unfused", "fused_softmax", "sdpa"], default="auto")
     p.add_argument("--vocab-size", type=int, default=None, help=f"default: {GPT2_VOCAB} (GPT-2), 1024 for tiny")
@@ -103,14 +104,15 @@ def measured_peak_tflops(device, dtype) -> tuple:
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
+    reps = 5 if device.type == "cuda" else 1  # several per sync: one GPU matmul is too short to time alone
     best = float("inf")
     for _ in range(20):
         sync(device)
         t = time.perf_counter()
-        for _ in range(5 if device.type == "cuda" else 1):
+        for _ in range(reps):
             a @ b
         sync(device)
-        best = min(best, (time.perf_counter() - t) / (5 if device.type == "cuda" else 1))
+        best = min(best, (time.perf_counter() - t) / reps)
     return 2 * n ** 3 / best / 1e12, f"measured: best {str(dtype).replace('torch.', '')} matmul {n}^3 on this device"
 
 
@@ -127,16 +129,8 @@ def datasheet_tflops(device) -> tuple:
 def build_optimizer(model, cfg: ModelConfig, pstate):
     """(optimizer step callable, zero_grad callable, description)."""
     optim_cfg = OptimizerConfig(lr=1e-4, weight_decay=0.01, clip_grad=1.0)
-    try:
-        from megatron_lite.optim.optimizer import build_optimizer as project_build
-    except ImportError:
-        project_build = None
-    if project_build is not None:
-        opt = project_build([model], optim_cfg, cfg, pstate)
-        kind = type(opt).__name__
-        return opt.step, opt.zero_grad, f"megatron_lite.optim {kind} (AdamW, clip {optim_cfg.clip_grad})"
-    opt = torch.optim.AdamW(model.parameters(), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
-    return opt.step, lambda: opt.zero_grad(set_to_none=True), "torch.optim.AdamW (megatron_lite.optim absent)"
+    opt = build_megatron_optimizer([model], optim_cfg, cfg, pstate)
+    return opt.step, opt.zero_grad, f"megatron_lite.optim {type(opt).__name__} (AdamW, clip {optim_cfg.clip_grad})"
 
 
 def peak_memory_reset(device):
@@ -187,7 +181,7 @@ def run_case(name: str, seq: int, args, device, pstate) -> dict:
             times.append(time.perf_counter() - t)
             losses.append(loss.item())
     except torch.cuda.OutOfMemoryError:
-        del model, opt_step
+        model = opt_step = zero_grad = None  # free the model and optimizer state before the empty_cache
         torch.cuda.empty_cache()
         row["error"] = "OOM"
         return row
@@ -197,7 +191,6 @@ def run_case(name: str, seq: int, args, device, pstate) -> dict:
     row.update(step_time_s=step_s, tokens_per_s=rates["tokens_per_s"], tflops_per_device=rates["tflops_per_device"],
                flops_per_step=flops, first_loss=losses[0], last_loss=losses[-1])
     row["peak_memory_gib"], row["peak_memory_kind"] = peak_memory_gib(device)
-    del model, opt_step
     return row
 
 

@@ -16,6 +16,10 @@ import sys
 import sysconfig
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_lite.io_utils import atomic_open  # noqa: E402
+
 
 def module_docstrings(path: str, min_chars: int) -> list[str]:
     try:
@@ -54,11 +58,10 @@ def main(argv=None) -> int:
         return 2
     root = sysconfig.get_paths()["stdlib"]
     budget = int(args.max_mb * 1e6)
-    tmp = args.output + f".tmp-{os.getpid()}"
     n_docs = n_bytes = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # old modules' invalid escape sequences
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(args.output, "w", encoding="utf-8") as f:
             for path in iter_stdlib_files(root):
                 docs = module_docstrings(path, args.min_chars)
                 if not docs:
@@ -69,7 +72,6 @@ def main(argv=None) -> int:
                 n_bytes += len(text.encode("utf-8"))
                 if n_bytes >= budget:
                     break
-    os.replace(tmp, args.output)
     print(f"wrote {args.output}: {n_docs} documents, {n_bytes / 1e6:.2f} MB of docstrings from {root}")
     return 0
 

@@ -243,7 +243,6 @@ class GPTDataset:
             "document_ids_md5": _array_md5(document_ids), "lengths_md5": _array_md5(lengths),
             "seq_length": seq_length, "seed": seed, "num_samples": num_samples,
         }
-        self.unique_description_hash = description_hash(self.description)
         if cache_dir is None and prefix:
             cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache", "GPTDataset_indices")
         self.cache_dir = cache_dir
@@ -268,7 +267,8 @@ class GPTDataset:
             parts = [get(int(self.doc_idx[k0]), offset=off0)]
             parts += [get(int(d)) for d in self.doc_idx[k0 + 1:k1]]
             parts.append(get(int(self.doc_idx[k1]), offset=0, length=off1 + 1))
-        return {"text": np.concatenate(parts).astype(np.int64)}
+        # Cast while concatenating: one copy, with astype's semantics for any stored dtype.
+        return {"text": np.concatenate(parts, dtype=np.int64, casting="unsafe")}
 
 
 class MockGPTDataset:
@@ -294,10 +294,12 @@ class MockGPTDataset:
 # --data-path / --split -> train, valid, test
 # ---------------------------------------------------------------------------------------------
 def parse_split(split: str) -> List[float]:
-    """'969,30,1' (or '969/30/1', fewer than three parts) -> three weights summing to 1."""
-    parts = [p for p in re.split(r"[,/]", str(split).strip()) if p.strip()]
+    """'969,30,1' (or '969/30/1', fewer than three parts) -> three weights summing to 1.
+
+    Every part must be a number, as in Megatron-LM: '80,,20' is an error, not '80,20'.
+    """
     try:
-        values = [float(p) for p in parts]
+        values = [float(p) for p in re.split(r"[,/]", str(split).strip())]
     except ValueError:
         raise GPTDatasetError(f"--split must be up to three numbers like 969,30,1, got {split!r}") from None
     if not 1 <= len(values) <= 3 or any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:

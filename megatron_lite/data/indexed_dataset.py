@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_lite.io_utils import temporary_name
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 # magic + version + dtype code + sequence count + document count
@@ -54,10 +56,6 @@ def code_from_dtype(dtype) -> int:
                               f"(supported: {', '.join(np.dtype(d).name for d in DTYPE_CODES.values())})")
 
 
-def dtype_from_code(code: int):
-    return DTYPE_CODES[code]
-
-
 def best_dtype(vocab_size: Optional[int]):
     """Megatron's choice: uint16 when every token id fits comfortably, else int32."""
     if vocab_size is not None and vocab_size < 65500:
@@ -75,10 +73,6 @@ def index_file_path(prefix: str) -> str:
 
 def dataset_exists(prefix: str) -> bool:
     return os.path.isfile(index_file_path(prefix)) and os.path.isfile(data_file_path(prefix))
-
-
-def _temp_name(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}"
 
 
 def write_index(idx_file, dtype, sequence_lengths, document_indices) -> None:
@@ -109,7 +103,7 @@ class IndexedDatasetBuilder:
         self.bin_path = bin_path
         self.dtype = np.dtype(dtype)
         code_from_dtype(self.dtype)  # reject unsupported dtypes before touching the disk
-        self._bin_tmp = _temp_name(bin_path)
+        self._bin_tmp = temporary_name(bin_path)
         self._idx_tmp: Optional[str] = None
         self._bin = open(self._bin_tmp, "wb")
         # array.array keeps millions of entries compact (4/8 bytes each, not a Python int each).
@@ -188,7 +182,7 @@ class IndexedDatasetBuilder:
         if self.document_indices[-1] != len(self.sequence_lengths):
             self.end_document()  # close a document left open by add_item()
         self._bin.close()
-        self._idx_tmp = _temp_name(idx_path)
+        self._idx_tmp = temporary_name(idx_path)
         with open(self._idx_tmp, "wb") as idx_file:
             write_index(idx_file, self.dtype, self.sequence_lengths, self.document_indices)
         if os.path.exists(idx_path):

@@ -287,10 +287,7 @@ class GPT2BPETokenizer:
         return self._tokenize_words(text)
 
     def tokenize_batch(self, texts: Iterable[str]) -> List[List[int]]:
-        texts = list(texts)
-        if self._fast is None:
-            return [self.tokenize(t) for t in texts]
-        return [self._tokenize_words(t) for t in texts]
+        return [self.tokenize(t) for t in texts]
 
     def detokenize(self, ids) -> str:
         """Bytes of the tokens, decoded as UTF-8 with 'replace' (Megatron-LM's errors='replace')."""

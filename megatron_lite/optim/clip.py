@@ -29,11 +29,20 @@ def param_is_shared_duplicate(param, pstate) -> bool:
             and pstate.pp_rank != 0)
 
 
+def param_grad(p) -> Optional[torch.Tensor]:
+    """The gradient of ``p`` the optimizer uses: ``main_grad`` when set, else ``p.grad``.
+
+    The data-parallel buffers of the roadmap accumulate fp32 gradients in ``main_grad``.
+    """
+    grad = getattr(p, "main_grad", None)
+    return grad if grad is not None else p.grad
+
+
 def grads_for_norm(params: Iterable[torch.nn.Parameter], pstate) -> List[torch.Tensor]:
     """Gradients that enter the global norm on this rank (duplicates dropped)."""
     out = []
     for p in params:
-        grad = _grad_of(p)
+        grad = param_grad(p)
         if grad is None:
             continue
         if param_is_tp_duplicate(p, pstate.tp_rank) or param_is_shared_duplicate(p, pstate):
@@ -42,15 +51,10 @@ def grads_for_norm(params: Iterable[torch.nn.Parameter], pstate) -> List[torch.T
     return out
 
 
-def _grad_of(p) -> Optional[torch.Tensor]:
-    # The data-parallel buffers of the roadmap keep fp32 gradients in ``main_grad``.
-    grad = getattr(p, "main_grad", None)
-    return grad if grad is not None else p.grad
-
-
-def _model_parallel_sum(value: torch.Tensor, pstate) -> torch.Tensor:
+def model_parallel_all_reduce(value: torch.Tensor, pstate, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce ``value`` in place over the TP x PP ranks of this replica (a no-op when alone)."""
     if pstate.mp_group is not None and dist.is_initialized() and pstate.tp_size * pstate.pp_size > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=pstate.mp_group)
+        dist.all_reduce(value, op=op, group=pstate.mp_group)
     return value
 
 
@@ -61,13 +65,11 @@ def get_grad_norm(grads_for_norm_: List[torch.Tensor], pstate, norm_type: float 
         local = max((g.detach().abs().max().float() for g in grads_for_norm_),
                     default=torch.zeros((), device=device))
         total = torch.as_tensor(local, dtype=torch.float32, device=device).reshape(1)
-        if pstate.mp_group is not None and dist.is_initialized() and pstate.tp_size * pstate.pp_size > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pstate.mp_group)
-        return float(total.item())
+        return float(model_parallel_all_reduce(total, pstate, op=dist.ReduceOp.MAX).item())
     total = torch.zeros(1, dtype=torch.float32, device=device)
     for g in grads_for_norm_:
         total += torch.linalg.vector_norm(g.detach().float(), norm_type) ** norm_type
-    total = _model_parallel_sum(total, pstate)
+    total = model_parallel_all_reduce(total, pstate)
     return float(total.item() ** (1.0 / norm_type))
 
 
@@ -76,7 +78,7 @@ def clip_grads_by_total_norm(params: Iterable[torch.nn.Parameter], max_norm: flo
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0:
         for p in params:
-            grad = _grad_of(p)
+            grad = param_grad(p)
             if grad is not None:
                 grad.detach().mul_(clip_coeff)
 
@@ -99,4 +101,4 @@ def count_zeros(params: Iterable[torch.nn.Parameter], pstate) -> int:
     total = torch.zeros(1, dtype=torch.float32, device=device)
     for g in grads:
         total += float(g.numel()) - torch.count_nonzero(g).float()
-    return int(_model_parallel_sum(total, pstate).item())
+    return int(model_parallel_all_reduce(total, pstate).item())

@@ -61,18 +61,18 @@ class LRScheduler:
             coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
 
-    def _apply(self) -> None:
-        if self.optimizer is None:
-            return
+    def _apply(self) -> float:
+        """Set the current step's lr on every param group (if there is an optimizer); return it."""
         lr = self.get_lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        return lr
 
     def step(self, increment: int = 1) -> float:
         """Advance by ``increment`` optimizer steps and set the new lr on every param group."""
         self.num_steps += increment
-        self._apply()
-        return self.get_lr()
+        return self._apply()
 
     def state_dict(self) -> dict:
         return {"max_lr": self.max_lr, "min_lr": self.min_lr, "decay_style": self.decay_style,

@@ -13,12 +13,12 @@ The roadmap's ZeRO-1 optimizer implements the same methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_lite.optim.clip import clip_grad_norm, count_zeros
+from megatron_lite.optim.clip import clip_grad_norm, count_zeros, model_parallel_all_reduce, param_grad
 from megatron_lite.optim.grad_scaler import build_grad_scaler
 
 # Attributes the parallel layers set on parameters; masters carry them so the norm dedupes alike.
@@ -57,9 +57,9 @@ class MegatronOptimizer(ABC):
     def param_groups(self):
         return self.optimizer.param_groups
 
-    @abstractmethod
     def main_params(self) -> List[torch.nn.Parameter]:
-        """The parameters the update is computed on (fp32)."""
+        """The parameters the update is computed on (fp32): those the torch optimizer holds."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def get_loss_scale(self) -> float:
         return 1.0
@@ -101,9 +101,6 @@ def _zero(p, set_to_none: bool) -> None:
 class FP32Optimizer(MegatronOptimizer):
     """fp32 model: the torch optimizer updates the model's parameters directly."""
 
-    def main_params(self):
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
-
     def step(self):
         grad_norm, num_zeros = self.clip_and_count()
         self.optimizer.step()
@@ -140,8 +137,10 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
         super().__init__(optimizer, optim_cfg.clip_grad, pstate, log_num_zeros)
         self.grad_scaler = grad_scaler
 
-    def main_params(self):
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
+    def _model_and_main_params(self) -> Iterator[Tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """(model parameter, its fp32 master) pairs, group by group."""
+        for params, group in zip(self.model_params, self.optimizer.param_groups):
+            yield from zip(params, group["params"])
 
     def get_loss_scale(self) -> float:
         return self.grad_scaler.scale if self.grad_scaler is not None else 1.0
@@ -153,11 +152,9 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
         super().zero_grad(set_to_none)
 
     def _copy_model_grads_to_main(self) -> None:
-        for params, group in zip(self.model_params, self.optimizer.param_groups):
-            for p, m in zip(params, group["params"]):
-                grad = getattr(p, "main_grad", None)
-                grad = grad if grad is not None else p.grad
-                m.grad = None if grad is None else grad.detach().float()
+        for p, m in self._model_and_main_params():
+            grad = param_grad(p)
+            m.grad = None if grad is None else grad.detach().float()
 
     def _unscale_and_check_inf(self) -> bool:
         """Divide the master grads by the loss scale; True when any rank of the replica saw inf/nan."""
@@ -167,8 +164,7 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
             if m.grad is not None:
                 m.grad.mul_(inv_scale)
                 found = torch.maximum(found, (~torch.isfinite(m.grad)).any().float().reshape(1))
-        if self.pstate.mp_group is not None and dist.is_initialized() and self.pstate.tp_size * self.pstate.pp_size > 1:
-            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.pstate.mp_group)
+        model_parallel_all_reduce(found, self.pstate, op=dist.ReduceOp.MAX)
         return bool(found.item() > 0)
 
     def step(self):
@@ -181,16 +177,14 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
         grad_norm, num_zeros = self.clip_and_count()
         self.optimizer.step()
         with torch.no_grad():
-            for params, group in zip(self.model_params, self.optimizer.param_groups):
-                for p, m in zip(params, group["params"]):
-                    p.copy_(m)
+            for p, m in self._model_and_main_params():
+                p.copy_(m)
         return True, grad_norm, num_zeros
 
     def reload_model_params(self) -> None:
         with torch.no_grad():
-            for params, group in zip(self.model_params, self.optimizer.param_groups):
-                for p, m in zip(params, group["params"]):
-                    m.copy_(p.float())
+            for p, m in self._model_and_main_params():
+                m.copy_(p.float())
 
     def state_dict(self):
         state = {"optimizer": self.optimizer.state_dict(),

@@ -45,7 +45,8 @@ def read_latest_iteration(root: str) -> Optional[int]:
     path = os.path.join(root, TRACKER_FILE)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    with open(path) as f:
+        text = f.read().strip()
     if text == "release":
         return 0
     try:
@@ -54,12 +55,17 @@ def read_latest_iteration(root: str) -> Optional[int]:
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
 
 
+def _model_keys(num_chunks: int) -> List[str]:
+    """Megatron's keys: 'model' for one chunk, 'model0', 'model1', ... with virtual pipeline stages."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
 def _rng_state() -> dict:
     # numpy's and Python's states become plain lists so weights_only loading accepts them.
-    np_state = np.random.get_state()
+    np_state, (_, py_state, py_pos) = np.random.get_state(), random.getstate()
     state = {
-        "random_rng_state": list(random.getstate()[1]),
-        "random_rng_pos": random.getstate()[2],
+        "random_rng_state": list(py_state),
+        "random_rng_pos": py_pos,
         "np_rng_state": torch.from_numpy(np_state[1].astype(np.int64)),
         "np_rng_pos": int(np_state[2]),
         "torch_rng_state": torch.get_rng_state(),
@@ -95,11 +101,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List[torch.nn.Modul
             "args": config_dict or {},
             "rng_state": _rng_state(),
         }
-        if len(model_chunks) == 1:
-            state["model"] = model_chunks[0].state_dict()
-        else:
-            for i, chunk in enumerate(model_chunks):
-                state[f"model{i}"] = chunk.state_dict()
+        for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+            state[key] = chunk.state_dict()
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
         if lr_scheduler is not None:
@@ -127,8 +130,8 @@ def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=No
             raise CheckpointError(f"--load {root}: no {TRACKER_FILE} found; is this a checkpoint directory?")
     path = checkpoint_file(root, iteration, ps.tp_rank, ps.pp_rank, ps.pp_size)
     if not os.path.isfile(path):
-        present = sorted(os.listdir(checkpoint_dir(root, iteration))) if os.path.isdir(
-            checkpoint_dir(root, iteration)) else []
+        iter_dir = checkpoint_dir(root, iteration)
+        present = sorted(os.listdir(iter_dir)) if os.path.isdir(iter_dir) else []
         raise CheckpointError(
             f"--load {root}: iteration {iteration} has no shard {os.path.relpath(path, root)} "
             f"(found {present or 'nothing'}); the checkpoint was probably saved with another "
@@ -146,11 +149,8 @@ def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=No
             f"PP={layout.get('pipeline_model_parallel_size')} "
             f"VP={layout.get('virtual_pipeline_model_parallel_size')}, this run has TP={ps.tp_size} "
             f"PP={ps.pp_size} VP={len(model_chunks)}; run with the saved layout")
-    if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(state["model"])
-    else:
-        for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(state[f"model{i}"])
+    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+        chunk.load_state_dict(state[key])
     if load_optim and optimizer is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     if load_optim and lr_scheduler is not None and "opt_param_scheduler" in state:

@@ -18,10 +18,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-
-def _grad(p):
-    grad = getattr(p, "main_grad", None)
-    return grad if grad is not None else p.grad
+from megatron_lite.optim.clip import param_grad
 
 
 def all_reduce_coalesced(grads: List[torch.Tensor], group, divide_by: int = 1) -> None:
@@ -41,25 +38,25 @@ def all_reduce_coalesced(grads: List[torch.Tensor], group, divide_by: int = 1) -
 def _params(model_chunks) -> Iterable[torch.nn.Parameter]:
     for chunk in model_chunks:
         for p in chunk.parameters():
-            if p.requires_grad and _grad(p) is not None:
+            if p.requires_grad and param_grad(p) is not None:
                 yield p
 
 
 def allreduce_data_parallel_grads(model_chunks, pstate) -> None:
     if pstate.dp_size > 1:
-        all_reduce_coalesced([_grad(p) for p in _params(model_chunks)], pstate.dp_group, pstate.dp_size)
+        all_reduce_coalesced([param_grad(p) for p in _params(model_chunks)], pstate.dp_group, pstate.dp_size)
 
 
 def allreduce_sequence_parallel_grads(model_chunks, pstate) -> None:
     if pstate.tp_size > 1:
-        grads = [_grad(p) for p in _params(model_chunks) if getattr(p, "sequence_parallel", False)]
+        grads = [param_grad(p) for p in _params(model_chunks) if getattr(p, "sequence_parallel", False)]
         if grads:
             all_reduce_coalesced(grads, pstate.tp_group)
 
 
 def allreduce_embedding_grads(model_chunks, pstate) -> None:
     if pstate.pp_size > 1 and pstate.embedding_group is not None and pstate.rank in pstate.embedding_ranks:
-        grads = [_grad(p) for p in _params(model_chunks) if getattr(p, "shared_embedding", False)]
+        grads = [param_grad(p) for p in _params(model_chunks) if getattr(p, "shared_embedding", False)]
         if grads:
             all_reduce_coalesced(grads, pstate.embedding_group)
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_lite.config import Config, pad_vocab_size, validate
 from megatron_lite.model.gpt import build_model_chunks, virtual_pipeline_size
-from megatron_lite.optim.clip import param_is_shared_duplicate, param_is_tp_duplicate
+from megatron_lite.optim.clip import model_parallel_all_reduce, param_is_shared_duplicate, param_is_tp_duplicate
 from megatron_lite.optim.lr_schedule import build_lr_scheduler
 from megatron_lite.optim.optimizer import build_optimizer
 from megatron_lite.training.batch import build_data_iterators
@@ -78,9 +78,7 @@ def count_model_parameters(model_chunks, pstate) -> int:
     local = sum(p.numel() for c in model_chunks for p in c.parameters()
                 if not param_is_tp_duplicate(p, pstate.tp_rank) and not param_is_shared_duplicate(p, pstate))
     total = torch.tensor([local], dtype=torch.float64, device=pstate.device)
-    if pstate.tp_size * pstate.pp_size > 1:
-        dist.all_reduce(total, group=pstate.mp_group)
-    return int(total.item())
+    return int(model_parallel_all_reduce(total, pstate).item())
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -95,6 +93,11 @@ def forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
     return output, functools.partial(loss_func, batch["loss_mask"])
+
+
+def _new_log_window() -> dict:
+    """Counters over the iterations since the last training log line."""
+    return {"loss_sum": 0.0, "iters": 0, "skipped": 0, "nan": 0}
 
 
 class Trainer:
@@ -230,6 +233,11 @@ class Trainer:
         if self.writer is not None:
             self.writer.write(rec)
 
+    def _evaluate_and_log(self, dataset, split: str, summary: TrainSummary) -> None:
+        loss = self.evaluate(dataset, split)  # every rank runs the schedule; the last stage has the loss
+        if loss is not None and self.pstate.is_logging_rank:
+            self._log_eval(loss, split, summary)
+
     def _log_eval(self, loss: float, split: str, summary: TrainSummary) -> None:
         ppl = perplexity(loss)
         summary.valid.append({"iteration": self.iteration, "split": split, "lm_loss": loss, "ppl": ppl})
@@ -252,7 +260,7 @@ class Trainer:
         summary = TrainSummary()
         start = time.time()
         timer = Timer()
-        window = {"loss_sum": 0.0, "iters": 0, "skipped": 0, "nan": 0}
+        window = _new_log_window()
         saved_at = evaluated_at = None
         timer.start()
         while self.iteration < t.train_iters:
@@ -274,14 +282,12 @@ class Trainer:
                 iter_time = timer.reset() / window["iters"]
                 if ps.is_logging_rank:
                     self._log_training(window, iter_time, lr, grad_norm, num_zeros, not ok)
-                window = {"loss_sum": 0.0, "iters": 0, "skipped": 0, "nan": 0}
+                window = _new_log_window()
                 timer.start()
             if self.valid_ds is not None and self.iteration % t.eval_interval == 0:
                 timer.stop()  # evaluation and saving are not training time (as in Megatron-LM)
-                loss = self.evaluate(self.valid_ds, "valid")
+                self._evaluate_and_log(self.valid_ds, "valid", summary)
                 evaluated_at = self.iteration
-                if loss is not None and ps.is_logging_rank:
-                    self._log_eval(loss, "valid", summary)
                 timer.start()
             if t.save and t.save_interval and self.iteration % t.save_interval == 0:
                 timer.stop()
@@ -298,13 +304,9 @@ class Trainer:
         timer.stop()
 
         if self.valid_ds is not None and evaluated_at != self.iteration and self.iteration > 0:
-            loss = self.evaluate(self.valid_ds, "valid")
-            if loss is not None and ps.is_logging_rank:
-                self._log_eval(loss, "valid", summary)
+            self._evaluate_and_log(self.valid_ds, "valid", summary)
         if self.test_ds is not None and summary.exit_reason == "train_iters":
-            loss = self.evaluate(self.test_ds, "test")
-            if loss is not None and ps.is_logging_rank:
-                self._log_eval(loss, "test", summary)
+            self._evaluate_and_log(self.test_ds, "test", summary)
         if t.save and saved_at != self.iteration and self.iteration > 0:
             self.save()
         summary.iteration, summary.consumed_samples = self.iteration, self.consumed_samples
