@@ -70,11 +70,17 @@ def corpus_lines(sources):
             f.close()
 
 
+def _has_text(path) -> bool:
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
+
+
 def make_jsonl(data_dir, path, size_mb):
     """Write at least size_mb MB of JSONL taken from the *.jsonl corpora under data_dir."""
-    sources = sorted(glob.glob(os.path.join(data_dir, "**", "*.jsonl"), recursive=True))
+    sources = [src for src in sorted(glob.glob(os.path.join(data_dir, "**", "*.jsonl"), recursive=True))
+               if _has_text(src)]  # a corpus of blank lines would keep corpus_lines looping forever
     if not sources:
-        raise SystemExit(f"error: --data-dir {data_dir}: no *.jsonl corpora found "
+        raise SystemExit(f"error: --data-dir {data_dir}: no non-empty *.jsonl corpora found "
                          f"(the shared corpora are needed; see shared/data/README.md)")
     target, written = int(size_mb * 1e6), 0
     lines = corpus_lines(sources)
@@ -144,7 +150,7 @@ def main(argv=None):
     make_jsonl(args.data_dir, small, args.python_mb)
 
     load_before = os.getloadavg()
-    rows = [run_preprocess(full, os.path.join(work, f"fast_w{w}"), "fast", w, args) for w in args.workers]
+    rows = [run_preprocess(full, os.path.join(work, f"fast_w{w}"), "fast", w, args) for w in sorted(set(args.workers) | {1})]  # 1 worker: the baseline the speedup is taken against
     slice_fast = run_preprocess(small, os.path.join(work, "slice_fast"), "fast", 1, args)
     rows.append(run_preprocess(small, os.path.join(work, "slice_python"), "python", 1, args))
     load_after = os.getloadavg()
