@@ -17,10 +17,7 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
-
-def param_is_tp_duplicate(param, tp_rank: int) -> bool:
-    """True where this copy of ``param`` repeats one counted on another TP rank."""
-    return not getattr(param, "tensor_model_parallel", False) and tp_rank != 0
+from megatron_lite.parallel.layers import param_is_tp_duplicate
 
 
 def param_is_shared_duplicate(param, pstate) -> bool:
@@ -45,7 +42,7 @@ def grads_for_norm(params: Iterable[torch.nn.Parameter], pstate) -> List[torch.T
         grad = param_grad(p)
         if grad is None:
             continue
-        if param_is_tp_duplicate(p, pstate.tp_rank) or param_is_shared_duplicate(p, pstate):
+        if param_is_tp_duplicate(p, pstate) or param_is_shared_duplicate(p, pstate):
             continue
         out.append(grad)
     return out

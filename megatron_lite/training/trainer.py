@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from megatron_lite.config import Config, pad_vocab_size, validate
 from megatron_lite.model.gpt import build_model_chunks, virtual_pipeline_size
-from megatron_lite.optim.clip import model_parallel_all_reduce, param_is_shared_duplicate, param_is_tp_duplicate
+from megatron_lite.optim.clip import model_parallel_all_reduce, param_is_shared_duplicate
+from megatron_lite.parallel.layers import param_is_tp_duplicate
 from megatron_lite.optim.lr_schedule import build_lr_scheduler
 from megatron_lite.optim.optimizer import build_optimizer
 from megatron_lite.training.batch import build_data_iterators
@@ -76,7 +77,7 @@ def dataset_sample_counts(cfg: Config) -> List[int]:
 def count_model_parameters(model_chunks, pstate) -> int:
     """Parameters of the whole model (duplicates over TP and the tied embedding counted once)."""
     local = sum(p.numel() for c in model_chunks for p in c.parameters()
-                if not param_is_tp_duplicate(p, pstate.tp_rank) and not param_is_shared_duplicate(p, pstate))
+                if not param_is_tp_duplicate(p, pstate) and not param_is_shared_duplicate(p, pstate))
     total = torch.tensor([local], dtype=torch.float64, device=pstate.device)
     return int(model_parallel_all_reduce(total, pstate).item())
 
