@@ -475,3 +475,16 @@ def test_hf_tokenizer_errors_and_eos(tmp_path, tokenizer_files):
                              "normalized": False, "special": True}]
     (d / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     assert HuggingFaceTokenizer(str(d / "tokenizer.json")).eod == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_lone_surrogate_is_a_clear_value_error(tokenizer_files, fast):
+    """'\\ud800' is valid JSON but not text: every path says so with a ValueError, on first sight and
+    after the rest of the text has been cached."""
+    vocab, merges, tokenizer_json = tokenizer_files
+    for tok in (GPT2BPETokenizer(vocab, merges, fast=fast), HuggingFaceTokenizer(tokenizer_json)):
+        tok.tokenize("a plain sentence")
+        for call in (lambda: tok.tokenize("a plain \ud800 sentence"), lambda: tok.tokenize_batch(["ok", "x\ud800"])):
+            with pytest.raises(ValueError):
+                call()
+        assert tok.tokenize("a plain sentence") == tok.tokenize_batch(["a plain sentence"])[0]

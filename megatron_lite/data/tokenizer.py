@@ -68,7 +68,8 @@ def _is_key(table: dict, key) -> bool:
 
 def _check_encodable(text: str) -> None:
     """A str holding a lone surrogate (valid in JSON as "\\ud800") is not text: one clear ValueError,
-    as the pure-Python path raises, instead of a TypeError from inside the Rust library."""
+    as the pure-Python path raises. Called only once the Rust library has refused the text with a
+    TypeError, so well-formed text never pays for the extra UTF-8 encode."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -259,12 +260,15 @@ class GPT2BPETokenizer:
         So ids(text) is the concatenation of ids(word) over the words, and each distinct word is
         split and merged once; runs of spaces stay inside a word, where the piece path handles them.
         """
-        _check_encodable(text)
         words = self._word_split(text)
         try:
             return list(chain.from_iterable(map(self._words.__getitem__, words)))
         except KeyError:
-            self._learn_words(words)
+            try:
+                self._learn_words(words)
+            except TypeError:  # the Rust library refuses a lone surrogate; cached words never hold one
+                _check_encodable(text)
+                raise
             return list(chain.from_iterable(map(self._words.__getitem__, words)))
 
     def _learn_words(self, words: Iterable[str]) -> None:
@@ -354,16 +358,22 @@ class HuggingFaceTokenizer:
     def tokenize(self, text: str) -> List[int]:
         if not isinstance(text, str):
             raise TypeError(f"tokenize expects str, got {type(text).__name__}")
-        _check_encodable(text)
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _check_encodable(text)  # a lone surrogate: say so instead of the library's TypeError
+            raise
 
     def tokenize_batch(self, texts: Iterable[str]) -> List[List[int]]:
         texts = list(texts)
         if not texts:
             return []
-        for text in texts:
-            _check_encodable(text)
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            for text in texts:
+                _check_encodable(text)  # name the lone surrogate instead of the library's TypeError
+            raise
 
     def detokenize(self, ids) -> str:
         return self._tok.decode(_ids_from_any(ids), skip_special_tokens=False)
