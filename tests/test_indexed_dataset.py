@@ -101,6 +101,11 @@ def test_round_trip_random_documents(tmp_path, dtype):
 def test_best_dtype_threshold():
     assert best_dtype(50257) == np.uint16 and best_dtype(65499) == np.uint16
     assert best_dtype(65500) == np.int32 and best_dtype(None) == np.int32
+    assert best_dtype(2 ** 31) == np.int32  # ids up to 2**31 - 1 fit int32; one more does not
+    with pytest.raises(IndexedDatasetError, match=r"^tokenizer\.json: vocab size 2147483649 .*32 bits"):
+        best_dtype(2 ** 31 + 1, source="tokenizer.json")
+    with pytest.raises(IndexedDatasetError, match="vocab size 0"):
+        best_dtype(0)
 
 
 def test_merge_equals_building_all_documents_at_once(tmp_path):

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron_lite.io_utils import temporary_name
+from megatron_lite.errors import IndexedDatasetError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -43,10 +44,6 @@ DTYPE_CODES = {
 }
 
 
-class IndexedDatasetError(ValueError):
-    """A .bin/.idx pair is missing, corrupt or inconsistent; the message names the file."""
-
-
 def code_from_dtype(dtype) -> int:
     dtype = np.dtype(dtype)
     for code, candidate in DTYPE_CODES.items():
@@ -56,10 +53,24 @@ def code_from_dtype(dtype) -> int:
                               f"(supported: {', '.join(np.dtype(d).name for d in DTYPE_CODES.values())})")
 
 
-def best_dtype(vocab_size: Optional[int]):
-    """Megatron's choice: uint16 when every token id fits comfortably, else int32."""
-    if vocab_size is not None and vocab_size < 65500:
-        return np.uint16
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def best_dtype(vocab_size: Optional[int], source: Optional[str] = None):
+    """Megatron's choice: uint16 when every token id fits comfortably, else int32.
+
+    A vocabulary whose ids do not all fit int32 (more than 2**31 entries) is refused rather than
+    silently wrapped; `source` (the tokenizer or output file) is named in the message."""
+    if vocab_size is not None:
+        where = f"{source}: " if source else ""
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
+            raise IndexedDatasetError(f"{where}vocab size {vocab_size!r} is not an integer")
+        if vocab_size < 1 or vocab_size - 1 > _INT32_MAX:
+            raise IndexedDatasetError(
+                f"{where}vocab size {vocab_size} gives token ids beyond 32 bits (a shard stores ids "
+                f"0..{_INT32_MAX} at most); use a tokenizer with at most {_INT32_MAX + 1} entries")
+        if vocab_size < 65500:
+            return np.uint16
     return np.int32
 
 
@@ -210,6 +221,74 @@ class IndexedDatasetBuilder:
         return False
 
 
+# -- entry checks on opening a shard ---------------------------------------------------------------
+# Each is a few vectorised passes over the index (no Python loop per entry); the first bad entry is
+# located only once a check has failed.
+_REBUILD = ("(corrupt index); rebuild the shard with tools/preprocess_data.py "
+            "(or re-run tools/merge_datasets.py)")
+
+
+def _check_document_indices(idx_path: str, doc_idx: np.ndarray, seq_count: int) -> None:
+    """Document indices start at 0, never decrease and end at the sequence count."""
+    def fail(what):
+        raise IndexedDatasetError(f"{idx_path}: {what} {_REBUILD}")
+
+    if len(doc_idx) == 0:
+        fail("has no document indices (even an empty shard has the leading 0)")
+    if doc_idx[0] != 0:
+        fail(f"document index 0 is {int(doc_idx[0])}, but the first document must start at sequence 0")
+    if doc_idx[-1] == seq_count and not np.any(doc_idx[1:] < doc_idx[:-1]):
+        return  # with the first at 0, the last at S and no decrease, every entry is in [0, S]
+    candidates = []
+    outside = (doc_idx < 0) | (doc_idx > seq_count)
+    if outside.any():
+        i = int(np.argmax(outside))
+        candidates.append((i, f"document index {i} is {int(doc_idx[i])}, outside [0, {seq_count}] "
+                              f"(the shard has {seq_count} sequences)"))
+    falls = doc_idx[1:] < doc_idx[:-1]
+    if falls.any():
+        i = int(np.argmax(falls)) + 1
+        candidates.append((i, f"document index {i} is {int(doc_idx[i])}, less than document index "
+                              f"{i - 1} ({int(doc_idx[i - 1])}); document indices must not decrease"))
+    if candidates:
+        fail(min(candidates)[1])
+    last = len(doc_idx) - 1
+    fail(f"last document index (entry {last}) is {int(doc_idx[last])}, but must equal the sequence "
+         f"count {seq_count}")
+
+
+def _check_lengths(idx_path: str, lengths: np.ndarray) -> None:
+    """No negative sequence length (an int32 wrap), even where the total still balances."""
+    if len(lengths) and lengths.min() < 0:
+        i = int(np.argmax(lengths < 0))
+        raise IndexedDatasetError(f"{idx_path}: sequence {i} has length {int(lengths[i])} {_REBUILD}")
+
+
+def _check_pointers(idx_path: str, bin_path: str, lengths: np.ndarray, pointers: np.ndarray,
+                    ends: np.ndarray, itemsize: int, bin_size: int) -> None:
+    """Each byte pointer is the running sum of the byte lengths before it (the first is 0).
+
+    With non-negative lengths whose total is the .bin's size, that puts every sequence inside the
+    .bin; the first entry that breaks it is reported as running past the .bin when it does."""
+    if len(pointers) == 0 or (pointers[0] == 0 and np.array_equal(pointers[1:], ends[:-1])):
+        return
+    if pointers[0] != 0:
+        i = 0
+    else:
+        i = int(np.argmax(pointers[1:] != ends[:-1])) + 1
+    start = int(pointers[i])
+    end = start + int(lengths[i]) * itemsize
+    expected = int(ends[i - 1]) if i else 0
+    if start < 0:
+        what = f"sequence {i} starts at byte {start}, before the start of {bin_path}"
+    elif end > bin_size:
+        what = f"sequence {i} ends at byte {end}, past the end of {bin_path} ({bin_size} bytes)"
+    else:
+        what = (f"byte pointer of sequence {i} is {start} but the lengths before it add up to "
+                f"{expected} bytes")
+    raise IndexedDatasetError(f"{idx_path}: {what} {_REBUILD}")
+
+
 class IndexedDataset:
     """Memory-mapped reader of a .bin/.idx pair; tokens are never read whole into memory."""
 
@@ -252,24 +331,26 @@ class IndexedDataset:
         self.sequence_pointers = np.frombuffer(buf, np.int64, seq_count, offset)
         offset += seq_count * 8
         self.document_indices = np.frombuffer(buf, np.int64, doc_count, offset)
-        doc_idx = self.document_indices
-        if doc_count == 0 or doc_idx[0] != 0 or doc_idx[-1] > seq_count or np.any(np.diff(doc_idx) < 0):
-            fail(f"document indices must start at 0 and rise to at most the sequence count {seq_count}")
+        _check_document_indices(idx_path, self.document_indices, seq_count)
+        _check_lengths(idx_path, self.sequence_lengths)
 
     def _open_data(self, bin_path: str) -> None:
         if not os.path.isfile(bin_path):
             raise IndexedDatasetError(f"{bin_path}: data file not found (the .idx has no .bin beside it)")
         size = os.path.getsize(bin_path)
-        self.num_tokens = int(self.sequence_lengths.sum(dtype=np.int64))
-        expected = self.num_tokens * self.dtype.itemsize
+        itemsize = self.dtype.itemsize
+        # ends[i]: byte offset of the end of sequence i (lengths are known non-negative by now).
+        # Widen then sum in place: np.cumsum(int32, dtype=int64) casts in a slow buffered loop.
+        ends = np.multiply(self.sequence_lengths, itemsize, dtype=np.int64)
+        np.cumsum(ends, out=ends)
+        expected = int(ends[-1]) if len(ends) else 0
+        self.num_tokens = expected // itemsize
         if size != expected:
             raise IndexedDatasetError(
                 f"{bin_path}: size {size} bytes disagrees with {index_file_path(self.path_prefix)}, "
                 f"which describes {self.num_tokens} tokens of {self.dtype.name} ({expected} bytes)")
-        if len(self) and (self.sequence_pointers[-1] + self.sequence_lengths[-1] * self.dtype.itemsize
-                          != expected):
-            raise IndexedDatasetError(f"{index_file_path(self.path_prefix)}: sequence pointers "
-                                      f"do not match the sequence lengths")
+        _check_pointers(index_file_path(self.path_prefix), bin_path, self.sequence_lengths,
+                        self.sequence_pointers, ends, self.dtype.itemsize, size)
         # mmap of an empty file is an error; an empty dataset simply has no tokens.
         self._bin_map = np.memmap(bin_path, mode="r", order="C") if size else np.zeros(0, np.uint8)
 
