@@ -7,6 +7,7 @@ WORKDIR /workspace/megatron_lite
 COPY setup.py README.md ./
 COPY megatron_lite ./megatron_lite
 COPY tools ./tools
+COPY benchmarks ./benchmarks
 COPY examples ./examples
 COPY tests ./tests
 # --no-deps keeps the container's own CUDA build of torch (and its triton) instead of a PyPI wheel.

@@ -163,11 +163,11 @@ def test_fused_backend_takes_kernel_on_cuda():
         close(grads_f[name], g)
 
 
-# ---- tools/benchmark_throughput.py on CPU (in-process: no extra torch import) ----
+# ---- benchmarks/benchmark_throughput.py on CPU (in-process: no extra torch import) ----
 
 def load_tool(name):
     import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

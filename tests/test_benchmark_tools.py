@@ -1,6 +1,6 @@
-"""Each benchmark script runs as a user would (subprocess) at a tiny size, prints its table and writes
-its JSON. Only that they run and report consistent numbers is checked here: speed lives in
-BENCHMARKS.md, not in tests."""
+"""Each benchmark script (benchmarks/*.py) runs as a user would (subprocess) at a tiny size, prints its
+table and writes its JSON. Only that they run and report consistent numbers is checked here: speed
+lives in BENCHMARKS.md, not in tests."""
 import json
 import os
 import subprocess
@@ -13,7 +13,7 @@ from conftest import ROOT
 
 def _run(script, *args, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", script), *map(str, args)],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, args)],
                        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr

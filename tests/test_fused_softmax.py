@@ -286,7 +286,7 @@ def test_gpu_module_uses_kernel_long_rows():
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-CUDA behaviour")
 def test_benchmark_kernels_without_cuda_measures_nothing(tmp_path, capsys):
     import importlib.util
-    path = os.path.join(ROOT, "tools", "benchmark_kernels.py")
+    path = os.path.join(ROOT, "benchmarks", "benchmark_kernels.py")
     spec = importlib.util.spec_from_file_location("benchmark_kernels", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)

@@ -15,15 +15,13 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megatron_lite.config import Config, pad_vocab_size  # noqa: E402
-from megatron_lite.data.tokenizer import TokenizerError, build_tokenizer  # noqa: E402
-from megatron_lite.parallel.mappings import gather_from_tp  # noqa: E402
-from megatron_lite.parallel.state import ParallelConfigError, destroy_parallel, initialize_parallel  # noqa: E402
-from megatron_lite.training.checkpoint import (CheckpointError, checkpoint_file,  # noqa: E402
+from megatron_lite.config import Config, pad_vocab_size
+from megatron_lite.data.tokenizer import TokenizerError, build_tokenizer
+from megatron_lite.parallel.mappings import gather_from_tp
+from megatron_lite.parallel.state import ParallelConfigError, destroy_parallel, initialize_parallel
+from megatron_lite.training.checkpoint import (CheckpointError, checkpoint_file,
                                                load_checkpoint, read_latest_iteration)
 
 
@@ -73,7 +71,7 @@ def greedy(model, tokenizer, prompt: str, max_new: int, seq_length: int) -> str:
 
 @torch.no_grad()
 def evaluate(model, cfg: Config, prefix: str, eval_iters: int, eod: int) -> float:
-    from megatron_lite.data.gpt_dataset import build_train_valid_test_datasets
+    from megatron_lite.data.builder import build_train_valid_test_datasets
     from megatron_lite.model.masks import get_ltor_masks_and_position_ids
     bs = cfg.train.micro_batch_size
     _, valid, _ = build_train_valid_test_datasets(

@@ -16,9 +16,9 @@ import sys
 import sysconfig
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_lite.io_utils import atomic_open  # noqa: E402
+from megatron_lite.cli import EXIT_USAGE, run_main
+from megatron_lite.errors import OutputPathError
+from megatron_lite.io_utils import atomic_open
 
 
 def module_docstrings(path: str, min_chars: int) -> list[str]:
@@ -51,11 +51,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-mb", type=float, default=4.0, help="stop after this many MB of text")
     p.add_argument("--min-chars", type=int, default=80, help="skip docstrings shorter than this")
     args = p.parse_args(argv)
+    return run_main(lambda: write_corpus(args), usage_status=EXIT_USAGE)  # exit 2 on a bad --output, as before
 
+
+def write_corpus(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
-        print(f"error: output directory {out_dir} does not exist", file=sys.stderr)
-        return 2
+        raise OutputPathError(f"output directory {out_dir} does not exist")
     root = sysconfig.get_paths()["stdlib"]
     budget = int(args.max_mb * 1e6)
     n_docs = n_bytes = 0

@@ -12,15 +12,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_lite.cli import report_cli_error  # noqa: E402
-from megatron_lite.data.indexed_dataset import (IndexedDataset, IndexedDatasetBuilder,  # noqa: E402
-                                                IndexedDatasetError, data_file_path, index_file_path)
-
-
-class CliError(Exception):
-    """Printed as one line; exit code 1."""
+from megatron_lite.cli import run_main
+from megatron_lite.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, data_file_path, index_file_path
+from megatron_lite.errors import ConfigError, IndexedDatasetError, InputError, OutputPathError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +41,11 @@ def prefixes_in_directory(directory: str, exclude: str) -> list:
             continue  # a previous merge written into the same directory
         for path in (data_file_path(prefix), index_file_path(prefix)):
             if not os.path.isfile(path):
-                raise CliError(f"--input {directory}: {path} is missing (incomplete shard pair "
+                raise IndexedDatasetError(f"--input {directory}: {path} is missing (incomplete shard pair "
                                f"{stem}); remove the stray file or finish that shard")
         prefixes.append(prefix)
     if not prefixes:
-        raise CliError(f"--input {directory}: no .bin/.idx shard pairs in this directory")
+        raise InputError(f"--input {directory}: no .bin/.idx shard pairs in this directory")
     return prefixes
 
 
@@ -60,7 +54,7 @@ def resolve_inputs(inputs, output_prefix: str) -> list:
         return prefixes_in_directory(inputs[0], output_prefix)
     for path in inputs:
         if os.path.isdir(path):
-            raise CliError(f"--input {path}: give either one directory or a list of shard prefixes")
+            raise ConfigError(f"--input {path}: give either one directory or a list of shard prefixes")
     return [_strip_suffix(p) for p in inputs]
 
 
@@ -68,17 +62,12 @@ def merge(prefixes, output_prefix: str) -> dict:
     """Check every shard (so a bad one fails before writing), then stream them into one pair."""
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
-        raise CliError(f"--output-prefix {output_prefix}: directory {out_dir} does not exist (create it first)")
-    shards = []
-    for prefix in prefixes:
-        try:
-            shards.append(IndexedDataset(prefix))
-        except IndexedDatasetError as e:
-            raise CliError(str(e)) from None
+        raise OutputPathError(f"--output-prefix {output_prefix}: directory {out_dir} does not exist (create it first)")
+    shards = [IndexedDataset(prefix) for prefix in prefixes]  # an IndexedDatasetError names the shard
     dtype = shards[0].dtype
     for prefix, shard in zip(prefixes, shards):
         if shard.dtype != dtype:
-            raise CliError(f"{index_file_path(prefix)}: dtype {shard.dtype.name} differs from "
+            raise IndexedDatasetError(f"{index_file_path(prefix)}: dtype {shard.dtype.name} differs from "
                            f"{index_file_path(prefixes[0])} ({dtype.name}); merge only shards made "
                            f"with the same tokenizer")
     stats = dict(shards=len(shards), documents=sum(s.num_documents for s in shards),
@@ -94,14 +83,14 @@ def merge(prefixes, output_prefix: str) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        prefixes = resolve_inputs(args.input, args.output_prefix)
-        stats = merge(prefixes, args.output_prefix)
-    except (CliError, IndexedDatasetError, OSError, KeyboardInterrupt) as e:
-        return report_cli_error(e)
-    print(f"merged {stats['shards']} shards into {args.output_prefix}: documents={stats['documents']} "
-          f"sequences={stats['sequences']} tokens={stats['tokens']}")
-    return 0
+
+    def body() -> int:
+        stats = merge(resolve_inputs(args.input, args.output_prefix), args.output_prefix)
+        print(f"merged {stats['shards']} shards into {args.output_prefix}: documents={stats['documents']} "
+              f"sequences={stats['sequences']} tokens={stats['tokens']}")
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

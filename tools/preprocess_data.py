@@ -23,19 +23,14 @@ from multiprocessing import Pool
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_lite.cli import report_cli_error  # noqa: E402
-from megatron_lite.data.indexed_dataset import (IndexedDatasetBuilder, best_dtype,  # noqa: E402
-                                                data_file_path, index_file_path)
+from megatron_lite.cli import run_main
+from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, data_file_path, index_file_path
+from megatron_lite.errors import ConfigError, InputError, OutputPathError, TokenizerError
 
 BATCH_BYTES = 256 * 1024  # lines per task are grouped up to this many bytes: big enough to amortize IPC
 BATCH_LINES = 1024
 MAX_SHOWN_BAD_LINES = 100
-
-
-class CliError(Exception):
-    """A problem with the command line or the input files: printed as one line, exit 1."""
+INTERRUPTED_MESSAGE = "interrupted: no output written"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,16 +68,16 @@ def _tokenizer_kwargs(args) -> dict:
 
 def _check_readable(flag: str, path: str) -> None:
     if not os.path.isfile(path):
-        raise CliError(f"{flag} {path}: no such file")
+        raise InputError(f"{flag} {path}: no such file")
     if not os.access(path, os.R_OK):
-        raise CliError(f"{flag} {path}: file is not readable (check its permissions)")
+        raise InputError(f"{flag} {path}: file is not readable (check its permissions)")
 
 
 def check_args(args) -> None:
     if args.workers < 1:
-        raise CliError(f"--workers {args.workers}: must be at least 1")
+        raise ConfigError(f"--workers {args.workers}: must be at least 1")
     if args.log_interval < 1:
-        raise CliError(f"--log-interval {args.log_interval}: must be at least 1")
+        raise ConfigError(f"--log-interval {args.log_interval}: must be at least 1")
     _check_readable("--input", args.input)
     for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file),
                        ("--tokenizer-model", args.tokenizer_model)):
@@ -90,21 +85,21 @@ def check_args(args) -> None:
             _check_readable(flag, path)
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     if not os.path.isdir(out_dir):
-        raise CliError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not exist "
-                       f"(create it first)")
+        raise OutputPathError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not exist "
+                              f"(create it first)")
     if not os.access(out_dir, os.W_OK):
-        raise CliError(f"--output-prefix {args.output_prefix}: directory {out_dir} is not writable")
+        raise OutputPathError(f"--output-prefix {args.output_prefix}: directory {out_dir} is not writable")
     if len(set(args.json_keys)) != len(args.json_keys):
-        raise CliError(f"--json-keys {' '.join(args.json_keys)}: a key is repeated")
+        raise ConfigError(f"--json-keys {' '.join(args.json_keys)}: a key is repeated")
 
 
 def load_tokenizer(args):
     # Imported here so that `--help` and argument errors do not pay for the tokenizer import.
-    from megatron_lite.data.tokenizer import TokenizerError, build_tokenizer
+    from megatron_lite.data.tokenizer import build_tokenizer
     try:
         return build_tokenizer(**_tokenizer_kwargs(args))
     except (TokenizerError, OSError) as e:
-        raise CliError(f"could not build the {args.tokenizer_type} tokenizer: {e}") from None
+        raise TokenizerError(f"could not build the {args.tokenizer_type} tokenizer: {e}") from None
 
 
 # -- workers -------------------------------------------------------------------------------------
@@ -221,7 +216,7 @@ def read_batches(path: str):
             if batch:
                 yield batch
     except (OSError, EOFError) as e:  # includes a truncated or corrupt .gz
-        raise CliError(f"--input {path}: could not read it: {e}") from None
+        raise InputError(f"--input {path}: could not read it: {e}") from None
 
 
 def _bounded(iterable, slots: threading.Semaphore, stop: threading.Event):
@@ -263,7 +258,7 @@ def run(args) -> dict:
             slots.release()
             for message in bad:
                 if args.strict:
-                    raise CliError(f"{message} (--strict: stopping; no output written)")
+                    raise InputError(f"{message} (--strict: stopping; no output written)")
                 if stats["skipped"] < MAX_SHOWN_BAD_LINES:
                     print(f"warning: skipped {message}", file=sys.stderr)
                 elif stats["skipped"] == MAX_SHOWN_BAD_LINES:
@@ -280,7 +275,7 @@ def run(args) -> dict:
         for key, builder in builders.items():
             builder.finalize(index_file_path(output_prefix(args, key)))
     except OSError as e:
-        raise CliError(f"--output-prefix {args.output_prefix}: could not write the output: {e}") from None
+        raise OutputPathError(f"--output-prefix {args.output_prefix}: could not write the output: {e}") from None
     finally:
         if pool is not None:
             stop.set()
@@ -325,12 +320,12 @@ def main(argv=None) -> int:
     # have started us with SIGINT ignored, so install the handler explicitly).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        stats = run(args)
-    except (CliError, KeyboardInterrupt) as e:
-        return report_cli_error(e)
-    print(format_summary(stats), flush=True)
-    return 0
+
+    def body() -> int:
+        print(format_summary(run(args)), flush=True)
+        return 0
+
+    return run_main(body, interrupted_message=INTERRUPTED_MESSAGE)
 
 
 if __name__ == "__main__":

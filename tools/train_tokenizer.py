@@ -20,12 +20,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a clone without `pip install -e .`
-    sys.path.insert(0, ROOT)
-
-from megatron_lite.cli import report_cli_error  # noqa: E402
-from megatron_lite.data.tokenizer import EOD_TOKEN, GPT2BPETokenizer, TokenizerError  # noqa: E402
+from megatron_lite.cli import run_main
+from megatron_lite.data.tokenizer import EOD_TOKEN, GPT2BPETokenizer
+from megatron_lite.errors import ConfigError, InputError, OutputPathError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
@@ -33,10 +30,6 @@ TEXT_CHUNK_CHARS = 1 << 16  # lines of a .txt are handed to the trainer in runs 
 PROGRESS_EVERY_S = 2.0
 MIN_VOCAB = 256 + 1  # the byte alphabet plus <|endoftext|>
 OUTPUT_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
-
-
-class InputError(Exception):
-    """Bad input or arguments: printed as one line, exit status 1, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,12 +140,12 @@ def check_args(args):
             raise InputError(f"--input: {path} has an unsupported extension; use "
                              f"{', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)}")
     if args.vocab_size < MIN_VOCAB:
-        raise InputError(f"--vocab-size {args.vocab_size} is too small: the byte alphabet and "
+        raise ConfigError(f"--vocab-size {args.vocab_size} is too small: the byte alphabet and "
                          f"{EOD_TOKEN} alone take {MIN_VOCAB}")
     if args.min_frequency < 1:
-        raise InputError(f"--min-frequency must be >= 1, got {args.min_frequency}")
+        raise ConfigError(f"--min-frequency must be >= 1, got {args.min_frequency}")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise InputError(f"--output-dir {args.output_dir} exists and is not a directory")
+        raise OutputPathError(f"--output-dir {args.output_dir} exists and is not a directory")
 
 
 def train(args):
@@ -199,14 +192,10 @@ def first_text(paths, keys, limit: int = 1 << 16) -> str:
     return ""
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        tok, progress = train(args)
-        vocab_size = write_outputs(tok, args.output_dir, first_text(args.input, args.json_keys))
-    except (InputError, TokenizerError, OSError, KeyboardInterrupt) as e:
-        return report_cli_error(e)
+def run(args) -> int:
+    check_args(args)
+    tok, progress = train(args)
+    vocab_size = write_outputs(tok, args.output_dir, first_text(args.input, args.json_keys))
     merges = vocab_size - MIN_VOCAB
     note = "" if vocab_size == args.vocab_size else \
         f" (asked for {args.vocab_size}: no more pairs reach --min-frequency {args.min_frequency})"
@@ -214,6 +203,11 @@ def main(argv=None) -> int:
           f"{progress.bytes / 1e6:.1f} MB in {time.time() - progress.start:.1f} s; "
           f"wrote {', '.join(os.path.join(args.output_dir, name) for name in OUTPUT_FILES)}")
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

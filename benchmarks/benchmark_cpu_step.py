@@ -7,7 +7,7 @@ Measures, in one run:
   3. a minimal plain-PyTorch GPT of the same shape and math (written here), same step;
   4. TP=2 on 2 processes (gloo, 1 thread each) against TP=1 on 1 process with 1 and 2 threads.
 
-    python tools/benchmark_cpu_step.py --output benchmarks/results/cpu_step.json
+    python benchmarks/benchmark_cpu_step.py --output benchmarks/results/cpu_step.json
 """
 from __future__ import annotations
 
@@ -18,15 +18,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from megatron_lite.config import ModelConfig, pad_vocab_size  # noqa: E402
-from megatron_lite.io_utils import write_json_atomic  # noqa: E402
-from megatron_lite.model.flops import num_floating_point_operations  # noqa: E402
+from megatron_lite.cli import run_main
+from megatron_lite.config import ModelConfig, pad_vocab_size
+from megatron_lite.io_utils import write_json_atomic
+from megatron_lite.model.flops import num_floating_point_operations
 
 
 def model_config(args, tp: int = 1) -> ModelConfig:
@@ -103,7 +102,9 @@ def batch(args, vocab):
 
 def ours_step_fn(args, pstate=None):
     from megatron_lite.model.gpt import GPTModel
-    cfg = model_config(args, tp=pstate.tp_size if pstate else 1)
+    from megatron_lite.parallel.state import ParallelState
+    pstate = pstate or ParallelState()  # one process: TP = PP = DP = 1, no group needed
+    cfg = model_config(args, tp=pstate.tp_size)
     model = GPTModel(cfg, pstate=pstate, seed=1234)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens, pos, labels = batch(args, args.vocab_size)
@@ -167,7 +168,10 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--output", default="benchmarks/results/cpu_step.json")
     args = p.parse_args(argv)
+    return run_main(lambda: run(args))
 
+
+def run(args) -> int:
     rows = []
     tokens = args.micro_batch_size * args.seq_length
     for threads in (1, 2):

@@ -13,8 +13,8 @@ implementation, so the columns compare times. (The causal kernel skips loading m
 physical traffic is lower than nominal.) Times are medians of triton.testing.do_bench, which flushes
 L2 before each run.
 
-    python tools/benchmark_kernels.py --output benchmarks/results/fused_softmax_h100.json
-    python tools/benchmark_kernels.py --bh 32 --seq 1024 4096 --mask padding --dtype fp16
+    python benchmarks/benchmark_kernels.py --output benchmarks/results/fused_softmax_h100.json
+    python benchmarks/benchmark_kernels.py --bh 32 --seq 1024 4096 --mask padding --dtype fp16
 
 Without a CUDA device it prints "no CUDA device: nothing measured", writes nothing and exits 0
 (there is nothing wrong with the input). Without triton it exits 1 with a message.
@@ -22,16 +22,15 @@ Without a CUDA device it prints "no CUDA device: nothing measured", writes nothi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megatron_lite.io_utils import write_json_atomic  # noqa: E402
-from megatron_lite.kernels.fused_softmax import (fused_scale_mask_softmax, scale_mask_softmax_reference,  # noqa: E402
+from megatron_lite.cli import run_main
+from megatron_lite.errors import UserError
+from megatron_lite.io_utils import write_json_atomic
+from megatron_lite.kernels.fused_softmax import (fused_scale_mask_softmax, scale_mask_softmax_reference,
                                                  triton_importable)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -166,12 +165,15 @@ def print_table(rows, copy_gbs):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return run_main(lambda: run(args))
+
+
+def run(args) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing measured")
         return 0
     if not triton_importable():
-        print("error: triton is not installed; `pip install triton` to benchmark the kernel", file=sys.stderr)
-        return 1
+        raise UserError("triton is not installed; `pip install triton` to benchmark the kernel")
     copy_gbs = copy_bandwidth_gbs(args)
     rows = []
     for bh in args.bh:

@@ -1,6 +1,6 @@
 """Time and measure the GPT sample index build at pretraining scale, without a .bin.
 
-    python tools/benchmark_index.py --output benchmarks/results/index.json
+    python benchmarks/benchmark_index.py --output benchmarks/results/index.json
 
 Draws a seeded array of document lengths (default 5e6 documents, 1e9 tokens, 1 + geometric
 lengths averaging 200), then builds (doc_idx, sample_idx, shuffle_idx) for --epochs epochs of
@@ -22,7 +22,10 @@ import tracemalloc
 
 import numpy as np
 
-from megatron_lite.data.gpt_dataset import build_sample_indices, load_or_build_cached
+from megatron_lite.cli import run_main
+from megatron_lite.data.gpt_dataset import build_sample_indices
+from megatron_lite.data.index_cache import load_or_build_cached
+from megatron_lite.errors import ConfigError
 from megatron_lite.io_utils import write_json_atomic
 
 MiB = 1024 * 1024
@@ -32,7 +35,7 @@ def synthetic_lengths(num_documents: int, num_tokens: int, seed: int) -> np.ndar
     """int32 lengths >= 1 summing exactly to num_tokens, 1 + geometric around the mean."""
     mean = num_tokens / num_documents
     if mean < 2:
-        raise SystemExit("error: --num-tokens must be at least twice --num-documents")
+        raise ConfigError("--num-tokens must be at least twice --num-documents")
     rng = np.random.default_rng(seed)
     lengths = (1 + rng.geometric(1.0 / (mean - 1), size=num_documents)).astype(np.int32)
     short = num_tokens - int(lengths.sum(dtype=np.int64))  # correct the total one token at a time
@@ -120,6 +123,10 @@ def main(argv=None) -> int:
         p.error("--num-documents, --seq-length and --epochs must be >= 1")
     if args.num_tokens < args.seq_length + 1:
         p.error(f"--num-tokens must exceed --seq-length ({args.seq_length})")
+    return run_main(lambda: report(args))
+
+
+def report(args) -> int:
     result = run(args)
     rows = [("documents", f"{result['num_documents']:,}"), ("tokens", f"{result['num_tokens']:,}"),
             ("seq_length", result["seq_length"]), ("samples requested / built",

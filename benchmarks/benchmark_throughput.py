@@ -14,29 +14,27 @@ higher kept (a peak read low while the device is busy would inflate MFU). A data
 (dense bf16: H100 SXM 989, H200 989, A100 312 TFLOP/s) is printed when the GPU's name is recognised.
 
     # GPU: GPT-3 125M..1.3B at seq 1024 and 2048 in bf16
-    python tools/benchmark_throughput.py --output benchmarks/results/throughput_h100.json
-    python tools/benchmark_throughput.py --models 1.3B --seq-lengths 2048 --attention-backend fused_softmax
+    python benchmarks/benchmark_throughput.py --output benchmarks/results/throughput_h100.json
+    python benchmarks/benchmark_throughput.py --models 1.3B --seq-lengths 2048 --attention-backend fused_softmax
     # CPU: the tiny fp32 model
-    OMP_NUM_THREADS=1 python tools/benchmark_throughput.py --device cpu --output /tmp/throughput_cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/benchmark_throughput.py --device cpu --output /tmp/throughput_cpu.json
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megatron_lite.config import ModelConfig, OptimizerConfig, pad_vocab_size  # noqa: E402
-from megatron_lite.io_utils import write_json_atomic  # noqa: E402
-from megatron_lite.model.flops import count_parameters, num_floating_point_operations  # noqa: E402
-from megatron_lite.optim.optimizer import build_optimizer as build_megatron_optimizer  # noqa: E402
-from megatron_lite.parallel.state import ParallelState  # noqa: E402
-from megatron_lite.training.metrics import memory_stats, throughput  # noqa: E402
+from megatron_lite.cli import run_main
+from megatron_lite.config import ModelConfig, OptimizerConfig, pad_vocab_size
+from megatron_lite.io_utils import write_json_atomic
+from megatron_lite.model.flops import count_parameters, num_floating_point_operations
+from megatron_lite.optim.optimizer import build_optimizer as build_megatron_optimizer
+from megatron_lite.parallel.state import ParallelState
+from megatron_lite.training.metrics import memory_stats, throughput
 
 GPT2_VOCAB = 50257
 # name: (layers, hidden, heads) -- GPT-3 paper, Table 2.1; "tiny" is the CPU smoke configuration.
@@ -223,6 +221,10 @@ def print_table(rows, peak, peak_src, sheet, sheet_src, device_name):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return run_main(lambda: run(args))
+
+
+def run(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs: what training on the GPU would use

@@ -1,6 +1,6 @@
 """Step time of the pipeline schedules against the bubble they are predicted to have.
 
-    python tools/benchmark_pipeline.py --output benchmarks/results/pipeline.json
+    python benchmarks/benchmark_pipeline.py --output benchmarks/results/pipeline.json
 
 For each --pp size, spawns that many CPU gloo ranks (one thread each) and, for 1F1B and
 interleaved 1F1B (2 virtual stages), times forward+backward of a small GPT over m = PP, 2PP,
@@ -29,6 +29,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
+from megatron_lite.cli import run_main
+from megatron_lite.errors import UserError
 from megatron_lite.io_utils import write_json_atomic
 
 
@@ -83,7 +85,7 @@ def _rank_main(rank: int, pp: int, port: int, args, result_path: str) -> None:
     from megatron_lite.parallel.schedules import ScheduleStats, get_forward_backward_func
     from megatron_lite.parallel.state import destroy_parallel, initialize_parallel
     from megatron_lite.training.batch import samples_to_batch
-    from megatron_lite.training.trainer import forward_step
+    from megatron_lite.pretrain_gpt import forward_step
 
     ps = initialize_parallel(pipeline=pp, backend="gloo")
     runs = {}
@@ -104,7 +106,7 @@ def _rank_main(rank: int, pp: int, port: int, args, result_path: str) -> None:
         # Schedules take turns within each iteration, so load changes on a shared machine hit all alike.
         for it in range(args.warmup_iters + args.iters):
             for schedule, (cfg, vp, chunks, fb) in runs.items():
-                ps.virtual_pp_size, ps.virtual_pp_rank = vp, 0
+                ps.virtual_pp_size = vp
                 for c in chunks:
                     c.zero_grad(set_to_none=True)
                 iters = [iter(batches) for _ in chunks]
@@ -151,6 +153,10 @@ def _add_predictions(rows):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return run_main(lambda: run(args, argv))
+
+
+def run(args, argv=None) -> int:
     from megatron_lite.parallel.state import free_port
     rows = []
     load_before = os.getloadavg()[0]
@@ -163,8 +169,7 @@ def main(argv=None) -> int:
                 rows += json.load(f)
         except mp.ProcessRaisedException as e:
             last = str(e).strip().splitlines()[-1]
-            print(f"error: a rank failed in the PP={pp} run: {last}", file=sys.stderr)
-            return 1
+            raise UserError(f"a rank failed in the PP={pp} run: {last}") from None
         finally:
             os.unlink(path)
     _add_predictions(rows)
@@ -176,7 +181,8 @@ def main(argv=None) -> int:
               f"{r['measured_relative_time_per_mb']:>9.3f} {r['predicted_relative_time_per_mb']:>9.3f} "
               f"{r['p2p_blocked_fraction']:>9.3f} {r['predicted_idle_fraction']:>9.3f}")
     if args.output:
-        out = dict(command="python tools/benchmark_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        given = sys.argv[1:] if argv is None else argv
+        out = dict(command="python benchmarks/benchmark_pipeline.py " + " ".join(given),
                    backend="gloo", device="cpu", cpu_count=os.cpu_count(), threads_per_rank=1,
                    load_average_1m_before_after=[load_before, os.getloadavg()[0]],
                    torch=torch.__version__,

@@ -1,6 +1,6 @@
 """Throughput of tools/preprocess_data.py: fast (Rust) vs pure-Python tokenizer, 1 and 2 workers.
 
-    python tools/benchmark_preprocess.py --output benchmarks/results/preprocess.json
+    python benchmarks/benchmark_preprocess.py --output benchmarks/results/preprocess.json
 
 Builds a JSONL of at least --size-mb MB by repeating the corpora in ../shared/data, then runs the
 preprocessing tool as a user would (a subprocess per configuration) and reads its summary line.
@@ -22,12 +22,11 @@ import sys
 import tempfile
 import time
 
+from megatron_lite.cli import run_main
+from megatron_lite.errors import InputError, UserError
+from megatron_lite.io_utils import write_json_atomic
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a clone without `pip install -e .`
-    sys.path.insert(0, ROOT)
-
-from megatron_lite.io_utils import write_json_atomic  # noqa: E402
-
 PREPROCESS = os.path.join(ROOT, "tools", "preprocess_data.py")
 FIXTURE_TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "tokenizer")
 SUMMARY = re.compile(r"^done: (.*)$", re.M)
@@ -80,7 +79,7 @@ def make_jsonl(data_dir, path, size_mb):
     sources = [src for src in sorted(glob.glob(os.path.join(data_dir, "**", "*.jsonl"), recursive=True))
                if _has_text(src)]  # a corpus of blank lines would keep corpus_lines looping forever
     if not sources:
-        raise SystemExit(f"error: --data-dir {data_dir}: no non-empty *.jsonl corpora found "
+        raise InputError(f"--data-dir {data_dir}: no non-empty *.jsonl corpora found "
                          f"(the shared corpora are needed; see shared/data/README.md)")
     target, written = int(size_mb * 1e6), 0
     lines = corpus_lines(sources)
@@ -110,7 +109,10 @@ def run_preprocess(input_path, prefix, impl, workers, args):
     wall, cpu = time.time() - start, _children_cpu() - cpu_before
     match = SUMMARY.search(proc.stdout)
     if proc.returncode != 0 or match is None:
-        raise SystemExit(f"error: {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
+        # The tool's own report first (its error line names the cause), then one line for ours.
+        if proc.stderr.strip():
+            print(proc.stderr.strip(), file=sys.stderr, flush=True)
+        raise UserError(f"{' '.join(cmd)} failed (exit {proc.returncode}; its output is above)")
     fields = dict(f.split("=", 1) for f in match.group(1).split())
     tokens, mb, seconds = int(fields["tokens"]), float(fields["MB"]), float(fields["seconds"])
     cpu_seconds = float(fields["cpu_seconds"])
@@ -135,14 +137,18 @@ def print_table(rows):
               f"{r['tokens_per_cpu_s']:>14.0f}")
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_main(lambda: run(args))
+
+
+def run(args) -> int:
     if not os.path.isdir(args.data_dir):
-        raise SystemExit(f"error: --data-dir {args.data_dir} does not exist; the benchmark needs the "
+        raise InputError(f"--data-dir {args.data_dir} does not exist; the benchmark needs the "
                          f"shared corpora (shared/data)")
     for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file)):
         if not os.path.isfile(path):
-            raise SystemExit(f"error: {flag} {path}: no such file")
+            raise InputError(f"{flag} {path}: no such file")
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_preprocess_")
     os.makedirs(work, exist_ok=True)
     full, small = os.path.join(work, "corpus.jsonl"), os.path.join(work, "slice.jsonl")
