@@ -3,9 +3,12 @@
 Each dataclass field is named exactly as the argparse dest of its flag
 (``--tensor-model-parallel-size`` -> ``tensor_model_parallel_size``; the flags are defined in
 ``megatron_lite.arguments``, re-exported here as ``build_parser``), so ``from_namespace``
-fills them by name. ``validate`` checks every combination once, before any process group
-exists, and raises ``ConfigError`` with one message naming the flags and what to do.
-Configs are plain data (``asdict``) so checkpoints can store them.
+fills them by name. Each section checks itself (``check``); a rule that spans sections calls
+the function that owns it (the layout rules in ``parallel/layout.py``, the micro-batch rule of
+the schedules, the tokenizer's file needs, the data specs); ``preflight`` is the one step that
+looks at the filesystem. ``validate`` runs all of them, before any process group exists, and
+raises one ``ConfigError`` naming the flags and what to do. Configs are plain data (``asdict``)
+so checkpoints can store them.
 """
 from __future__ import annotations
 
@@ -16,10 +19,27 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
 from megatron_lite.arguments import build_parser
+from megatron_lite.errors import ConfigError, UserError
 
 
-class ConfigError(ValueError):
-    """A bad flag or flag combination. The message names the flags and the fix."""
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _at_least(minimum: int, *named) -> None:
+    for name, val in named:
+        need(val >= minimum, f"{name} must be >= {minimum}, got {val}")
+
+
+def _as_config_error(rule, *args, **kwargs):
+    """Run another module's rule; its UserError becomes the ConfigError that validate() raises."""
+    try:
+        return rule(*args, **kwargs)
+    except ConfigError:
+        raise
+    except UserError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -68,6 +88,48 @@ class ModelConfig:
     def kv_channels(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    def check(self, tp: int) -> None:
+        """The model's own rules, and how its sizes must divide over ``tp`` ranks."""
+        _at_least(1, ("--num-layers", self.num_layers), ("--hidden-size", self.hidden_size),
+                  ("--num-attention-heads", self.num_attention_heads), ("--seq-length", self.seq_length))
+        for name, val in (("--ffn-hidden-size", self.ffn_hidden_size),
+                          ("--make-vocab-size-divisible-by", self.make_vocab_size_divisible_by)):
+            need(val is None or val >= 1, f"{name} must be >= 1, got {val}")
+        need(self.init_method_std > 0,
+             f"--init-method-std must be > 0 (the std of the normal weight init), got {self.init_method_std}")
+        need(self.hidden_size % self.num_attention_heads == 0,
+             f"--hidden-size ({self.hidden_size}) must be divisible by --num-attention-heads "
+             f"({self.num_attention_heads})")
+        if self.position_embedding_type == "rope":
+            head_dim = self.hidden_size // self.num_attention_heads
+            need(head_dim % 2 == 0,
+                 f"--position-embedding-type rope rotates pairs of channels, so the head dimension "
+                 f"(--hidden-size {self.hidden_size} / --num-attention-heads {self.num_attention_heads} = "
+                 f"{head_dim}) must be even; change --hidden-size or --num-attention-heads")
+        need(self.num_attention_heads % tp == 0,
+             f"--num-attention-heads ({self.num_attention_heads}) must be divisible by "
+             f"--tensor-model-parallel-size ({tp})")
+        need(self.ffn_hidden_size % tp == 0,
+             f"--ffn-hidden-size ({self.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})")
+        need(self.seq_length <= self.max_position_embeddings,
+             f"--seq-length ({self.seq_length}) exceeds --max-position-embeddings "
+             f"({self.max_position_embeddings}); raise --max-position-embeddings or shorten --seq-length")
+        need(not (self.fp16 and self.bf16), "--fp16 and --bf16 are exclusive; choose one")
+        if self.sequence_parallel:
+            need(self.seq_length % tp == 0,
+                 f"--sequence-parallel needs --seq-length ({self.seq_length}) divisible by "
+                 f"--tensor-model-parallel-size ({tp})")
+            if tp == 1:
+                self.sequence_parallel = False  # Megatron-LM also drops it at TP=1: nothing to shard
+        if self.recompute_method is not None:
+            need(self.recompute_granularity == "full", "--recompute-method needs --recompute-granularity full")
+        if self.recompute_granularity == "full":
+            need(self.recompute_method is not None,
+                 "--recompute-granularity full needs --recompute-method uniform|block")
+            if self.recompute_num_layers is None:
+                self.recompute_num_layers = 1
+            need(self.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
+
 
 @dataclass
 class ParallelConfig:
@@ -83,6 +145,34 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     ddp_bucket_size: Optional[int] = None
     data_parallel_size: Optional[int] = None  # derived: world // (TP * PP)
+
+    def check(self, world_size: int, num_layers: int) -> None:
+        """The layout: sizes, backend, the pipeline split; fills data_parallel_size and the schedule."""
+        from megatron_lite.parallel.layout import check_backend_device, check_pipeline_split, data_parallel_size
+
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        _at_least(1, ("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp))
+        check_backend_device(self.distributed_backend)
+        self.data_parallel_size = data_parallel_size(world_size, tp, pp)
+        check_pipeline_split(num_layers, pp, self.decoder_first_pipeline_num_layers,
+                             self.decoder_last_pipeline_num_layers, self.num_layers_per_virtual_pipeline_stage)
+        interleaved = self.num_layers_per_virtual_pipeline_stage is not None
+        if interleaved:
+            need(self.pipeline_schedule in (None, "interleaved"),
+                 "--num-layers-per-virtual-pipeline-stage runs the interleaved schedule; "
+                 "drop --pipeline-schedule or set it to interleaved")
+            self.pipeline_schedule = "interleaved"
+        elif self.pipeline_schedule == "interleaved":
+            raise ConfigError("--pipeline-schedule interleaved needs --pipeline-model-parallel-size > 1"
+                              if pp == 1 else
+                              "--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage")
+        if self.pipeline_schedule is None:
+            self.pipeline_schedule = "1f1b"
+        for flag, on in (("--use-distributed-optimizer", self.use_distributed_optimizer),
+                         ("--overlap-grad-reduce", self.overlap_grad_reduce),
+                         ("--ddp-bucket-size", self.ddp_bucket_size is not None)):
+            need(not on, f"{flag} is not implemented yet (ZeRO-1 and bucketed, overlapped gradient reduction "
+                         "are on the roadmap); drop the flag: data parallelism all-reduces gradients after backward")
 
 
 @dataclass
@@ -105,6 +195,22 @@ class OptimizerConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
 
+    def check(self, train_iters: int) -> None:
+        need(self.lr_decay_iters is None or self.lr_decay_iters >= 1, "--lr-decay-iters must be >= 1")
+        need(self.lr_warmup_fraction is None or self.lr_warmup_iters == 0,
+             "--lr-warmup-fraction and --lr-warmup-iters are exclusive; give one")
+        need(self.lr >= 0, f"--lr must be >= 0, got {self.lr}")
+        need(self.min_lr >= 0, f"--min-lr must be >= 0, got {self.min_lr}")
+        need(self.min_lr <= self.lr, f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+        decay_iters = self.lr_decay_iters or train_iters
+        need(self.lr_warmup_iters <= decay_iters,
+             f"--lr-warmup-iters ({self.lr_warmup_iters}) exceeds the decay span (--lr-decay-iters, default "
+             f"--train-iters: {decay_iters}); shorten the warmup")
+        need(self.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}")
+        need(self.lr_warmup_fraction is None or 0.0 <= self.lr_warmup_fraction <= 1.0,
+             f"--lr-warmup-fraction must lie in [0, 1], got {self.lr_warmup_fraction}")
+        need(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
+
 
 @dataclass
 class DataConfig:
@@ -116,6 +222,28 @@ class DataConfig:
     merge_file: Optional[str] = None
     tokenizer_model: Optional[str] = None
     mock_data: bool = False
+
+    def check(self) -> None:
+        """The specs parse (no file is opened here: that is ``preflight``)."""
+        from megatron_lite.data.data_spec import parse_data_path, parse_split
+
+        if not self.mock_data:
+            need(bool(self.data_path), "--data-path is required (or --mock-data for random tokens)")
+            _as_config_error(parse_data_path, self.data_path)
+            _as_config_error(parse_split, self.split)  # the parser the datasets use
+
+    def tokenizer_files(self, vocab_size: Optional[int]):
+        """(flag, path) of the files the tokenizer will read (the tokenizer module's rule)."""
+        from megatron_lite.data.tokenizer import required_tokenizer_files, tokenizer_args_from_config
+
+        args = tokenizer_args_from_config(self, vocab_size)
+        return _as_config_error(required_tokenizer_files, args["tokenizer_type"], args["vocab_file"],
+                                args["merge_file"], args["tokenizer_model"], args["vocab_size"])
+
+    def shard_prefixes(self) -> List[str]:
+        from megatron_lite.data.data_spec import parse_data_path
+
+        return [] if self.mock_data else parse_data_path(self.data_path)[1]
 
 
 @dataclass
@@ -132,6 +260,7 @@ class TrainConfig:
     save_interval: Optional[int] = None
     no_load_optim: bool = False
     no_load_rng: bool = False
+    finetune: bool = False
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
     tensorboard_dir: Optional[str] = None
@@ -139,6 +268,24 @@ class TrainConfig:
     peak_tflops: Optional[float] = None
     log_num_zeros_in_grad: bool = False
     dry_run: bool = False
+
+    def check(self, dp: int) -> None:
+        _at_least(1, ("--micro-batch-size", self.micro_batch_size), ("--train-iters", self.train_iters))
+        need(self.global_batch_size is None or self.global_batch_size >= 1,
+             f"--global-batch-size must be >= 1, got {self.global_batch_size}")
+        if self.global_batch_size is None:
+            self.global_batch_size = self.micro_batch_size * dp
+        need(self.global_batch_size % (self.micro_batch_size * dp) == 0,
+             f"--global-batch-size ({self.global_batch_size}) must be divisible by --micro-batch-size "
+             f"({self.micro_batch_size}) x data-parallel size ({dp}) = {self.micro_batch_size * dp}")
+        need(self.log_interval >= 1, "--log-interval must be >= 1")
+        need(self.eval_interval >= 1, "--eval-interval must be >= 1")
+        need(self.eval_iters >= 0, f"--eval-iters must be >= 0 (0 disables evaluation), got {self.eval_iters}")
+        if self.save_interval is not None:
+            need(self.save is not None, "--save-interval needs --save DIR")
+
+    def num_microbatches(self, dp: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * dp)
 
 
 @dataclass
@@ -156,6 +303,13 @@ class Config:
     def from_dict(cls, d: dict) -> "Config":
         """Inverse of to_dict; keys this version does not know (from an older or newer run) are dropped."""
         return cls(**{name: _from_known_fields(section, d[name]) for name, section in _SECTIONS})
+
+    def virtual_pipeline_size(self) -> Optional[int]:
+        """Model chunks per stage under interleaving (None without it)."""
+        from megatron_lite.parallel.layout import virtual_pipeline_size
+
+        return virtual_pipeline_size(self.model.num_layers, self.parallel.pipeline_model_parallel_size,
+                                     self.parallel.num_layers_per_virtual_pipeline_stage)
 
 
 _SECTIONS = (("model", ModelConfig), ("parallel", ParallelConfig), ("optim", OptimizerConfig),
@@ -182,188 +336,32 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def parse_data_path(data_path: Optional[List[str]]):
-    """'PREFIX' or 'W1 P1 W2 P2 ...' -> (weights or None, prefixes)."""
-    if not data_path:
-        return None, []
-    if len(data_path) == 1:
-        return None, list(data_path)
-    if len(data_path) % 2 != 0:
-        raise ConfigError(f"--data-path: a weighted list must alternate WEIGHT PREFIX, got {data_path}")
-    try:
-        weights = [float(w) for w in data_path[0::2]]
-    except ValueError:
-        raise ConfigError(f"--data-path: expected 'W1 PREFIX1 W2 PREFIX2 ...', got {data_path}") from None
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"--data-path: weights must be >= 0 and not all zero, got {weights}")
-    return weights, list(data_path[1::2])
-
-
 def validate(cfg: Config, world_size: int = 1) -> Config:
-    """Check every flag combination; fill derived fields. Raises ConfigError."""
-    m, par, o, d, t = cfg.model, cfg.parallel, cfg.optim, cfg.data, cfg.train
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    """Check every flag combination and the files they name; fill derived fields. Raises ConfigError."""
+    from megatron_lite.parallel.schedule_orders import check_microbatches
 
-    def need(cond, msg):
-        if not cond:
-            raise ConfigError(msg)
+    m, par, t = cfg.model, cfg.parallel, cfg.train
+    cfg.parallel.check(world_size, m.num_layers)
+    m.check(par.tensor_model_parallel_size)
+    t.check(par.data_parallel_size)
+    cfg.optim.check(t.train_iters)
+    cfg.data.check()
+    # The schedules' own micro-batch rule, on the numbers every rank will compute.
+    _as_config_error(check_microbatches, t.num_microbatches(par.data_parallel_size),
+                     par.pipeline_model_parallel_size, par.pipeline_schedule, cfg.virtual_pipeline_size() or 1)
+    preflight(cfg)
+    return cfg
 
-    for name, val in [("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
-                      ("--num-attention-heads", m.num_attention_heads), ("--seq-length", m.seq_length),
-                      ("--micro-batch-size", t.micro_batch_size), ("--train-iters", t.train_iters),
-                      ("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)]:
-        need(val >= 1, f"{name} must be >= 1, got {val}")
-    for name, val in [("--ffn-hidden-size", m.ffn_hidden_size),
-                      ("--make-vocab-size-divisible-by", m.make_vocab_size_divisible_by),
-                      ("--global-batch-size", t.global_batch_size)]:
-        need(val is None or val >= 1, f"{name} must be >= 1, got {val}")
-    need(m.init_method_std > 0,
-         f"--init-method-std must be > 0 (the std of the normal weight init), got {m.init_method_std}")
-    if par.distributed_backend == "nccl":
-        import torch  # config stays importable without torch for the flag-only paths
-        need(torch.cuda.is_available(),
-             "--distributed-backend nccl needs CUDA, and no CUDA device is available; "
-             "use --distributed-backend gloo (the default without CUDA)")
-    need(world_size % (tp * pp) == 0,
-         f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
-         f"--pipeline-model-parallel-size ({pp}); launch a multiple of {tp * pp} processes")
-    dp = world_size // (tp * pp)
-    par.data_parallel_size = dp
-    need(m.hidden_size % m.num_attention_heads == 0,
-         f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads ({m.num_attention_heads})")
-    if m.position_embedding_type == "rope":
-        head_dim = m.hidden_size // m.num_attention_heads
-        need(head_dim % 2 == 0,
-             f"--position-embedding-type rope rotates pairs of channels, so the head dimension "
-             f"(--hidden-size {m.hidden_size} / --num-attention-heads {m.num_attention_heads} = {head_dim}) "
-             "must be even; change --hidden-size or --num-attention-heads")
-    need(m.num_attention_heads % tp == 0,
-         f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
-         f"--tensor-model-parallel-size ({tp})")
-    need(m.ffn_hidden_size % tp == 0,
-         f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})")
-    need(m.seq_length <= m.max_position_embeddings,
-         f"--seq-length ({m.seq_length}) exceeds --max-position-embeddings ({m.max_position_embeddings}); "
-         "raise --max-position-embeddings or shorten --seq-length")
-    need(not (m.fp16 and m.bf16), "--fp16 and --bf16 are exclusive; choose one")
-    if m.sequence_parallel:
-        need(m.seq_length % tp == 0,
-             f"--sequence-parallel needs --seq-length ({m.seq_length}) divisible by "
-             f"--tensor-model-parallel-size ({tp})")
-        if tp == 1:
-            m.sequence_parallel = False  # Megatron-LM also drops it at TP=1: nothing to shard
-    if m.recompute_method is not None:
-        need(m.recompute_granularity == "full",
-             "--recompute-method needs --recompute-granularity full")
-    if m.recompute_granularity == "full":
-        need(m.recompute_method is not None,
-             "--recompute-granularity full needs --recompute-method uniform|block")
-        if m.recompute_num_layers is None:
-            m.recompute_num_layers = 1
-        need(m.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
 
-    if t.global_batch_size is None:
-        t.global_batch_size = t.micro_batch_size * dp
-    need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
-         f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
-         f"({t.micro_batch_size}) x data-parallel size ({dp}) = {t.micro_batch_size * dp}")
+def preflight(cfg: Config) -> None:
+    """The one look at the filesystem: input files exist, output locations are writable."""
+    from megatron_lite.data.data_spec import check_prefix_files
 
-    # Pipeline layout.
-    first, last = par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers
-    if pp == 1:
-        need(par.num_layers_per_virtual_pipeline_stage is None,
-             "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-        need(first is None and last is None,
-             "--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
-        need(par.pipeline_schedule in (None, "1f1b", "gpipe"),
-             "--pipeline-schedule interleaved needs --pipeline-model-parallel-size > 1")
-    else:
-        middle_layers = m.num_layers - (first or 0) - (last or 0)
-        middle_stages = pp - (first is not None) - (last is not None)
-        need(middle_layers >= 0 and (middle_stages == 0 and middle_layers == 0 or
-                                     middle_stages > 0 and middle_layers % middle_stages == 0),
-             f"--num-layers ({m.num_layers}) cannot be split evenly over --pipeline-model-parallel-size "
-             f"({pp}) stages" + (f" with --decoder-first-pipeline-num-layers {first}" if first else "")
-             + (f" and --decoder-last-pipeline-num-layers {last}" if last else ""))
-        vp = par.num_layers_per_virtual_pipeline_stage
-        if vp is not None:
-            need(first is None and last is None,
-                 "--num-layers-per-virtual-pipeline-stage cannot be combined with uneven "
-                 "--decoder-first/last-pipeline-num-layers")
-            need(vp >= 1 and (m.num_layers // pp) % vp == 0,
-                 f"--num-layers ({m.num_layers}) / --pipeline-model-parallel-size ({pp}) must be divisible by "
-                 f"--num-layers-per-virtual-pipeline-stage ({vp})")
-            need(vp >= 1 and (m.num_layers // pp) // vp >= 2,
-                 f"--num-layers-per-virtual-pipeline-stage ({vp}) leaves one model chunk per stage "
-                 f"({m.num_layers // pp} layers per stage): interleaving needs at least two; use a smaller "
-                 "value, or drop the flag for plain 1F1B")
-            need(par.pipeline_schedule in (None, "interleaved"),
-                 "--num-layers-per-virtual-pipeline-stage runs the interleaved schedule; "
-                 "drop --pipeline-schedule or set it to interleaved")
-            par.pipeline_schedule = "interleaved"
-            num_micro = t.global_batch_size // (t.micro_batch_size * dp)
-            need(num_micro % pp == 0,
-                 f"the interleaved schedule needs the number of micro-batches ({num_micro} = "
-                 f"--global-batch-size / (--micro-batch-size x DP)) to be a multiple of "
-                 f"--pipeline-model-parallel-size ({pp})")
-        else:
-            need(par.pipeline_schedule != "interleaved",
-                 "--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage")
-    if par.pipeline_schedule is None:
-        par.pipeline_schedule = "1f1b"
-
-    for flag, on in (("--use-distributed-optimizer", par.use_distributed_optimizer),
-                     ("--overlap-grad-reduce", par.overlap_grad_reduce),
-                     ("--ddp-bucket-size", par.ddp_bucket_size is not None)):
-        need(not on, f"{flag} is not implemented yet (ZeRO-1 and bucketed, overlapped gradient reduction "
-                     "are on the roadmap); drop the flag: data parallelism all-reduces gradients after backward")
-
-    # Optimizer and schedule.
-    need(o.lr_decay_iters is None or o.lr_decay_iters >= 1, "--lr-decay-iters must be >= 1")
-    need(o.lr_warmup_fraction is None or o.lr_warmup_iters == 0,
-         "--lr-warmup-fraction and --lr-warmup-iters are exclusive; give one")
-    need(o.lr >= 0, f"--lr must be >= 0, got {o.lr}")
-    need(o.min_lr >= 0, f"--min-lr must be >= 0, got {o.min_lr}")
-    need(o.min_lr <= o.lr, f"--min-lr ({o.min_lr}) must not exceed --lr ({o.lr})")
-    decay_iters = o.lr_decay_iters or t.train_iters
-    need(o.lr_warmup_iters <= decay_iters,
-         f"--lr-warmup-iters ({o.lr_warmup_iters}) exceeds the decay span (--lr-decay-iters, default "
-         f"--train-iters: {decay_iters}); shorten the warmup")
-    need(o.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {o.lr_warmup_iters}")
-    need(o.lr_warmup_fraction is None or 0.0 <= o.lr_warmup_fraction <= 1.0,
-         f"--lr-warmup-fraction must lie in [0, 1], got {o.lr_warmup_fraction}")
-    need(o.clip_grad >= 0, f"--clip-grad must be >= 0 (0 disables clipping), got {o.clip_grad}")
-
-    # Data and tokenizer files.
-    if not d.mock_data:
-        need(bool(d.data_path), "--data-path is required (or --mock-data for random tokens)")
-        _, prefixes = parse_data_path(d.data_path)
-        for prefix in prefixes:
-            for ext in (".bin", ".idx"):
-                need(os.path.isfile(prefix + ext),
-                     f"--data-path: {prefix}{ext} does not exist; preprocess the corpus with "
-                     "tools/preprocess_data.py or fix the prefix (no .bin/.idx suffix)")
-        from megatron_lite.data.gpt_dataset import GPTDatasetError, parse_split  # numpy, not torch
-        try:
-            parse_split(d.split)  # the parser the datasets use, so both accept the same strings
-        except GPTDatasetError as e:
-            raise ConfigError(str(e)) from None
-    if d.tokenizer_type == "GPT2BPETokenizer" and not (d.mock_data and m.vocab_size):
-        for flag, path in (("--vocab-file", d.vocab_file), ("--merge-file", d.merge_file)):
-            need(path is not None, f"{flag} is required with --tokenizer-type GPT2BPETokenizer")
-            need(os.path.isfile(path), f"{flag}: {path} does not exist or is not a file")
-    elif d.tokenizer_type == "HuggingFaceTokenizer":
-        need(d.tokenizer_model is not None,
-             "--tokenizer-model PATH (a tokenizer.json) is required with --tokenizer-type HuggingFaceTokenizer")
-        need(os.path.isfile(d.tokenizer_model), f"--tokenizer-model: {d.tokenizer_model} does not exist")
-    elif d.tokenizer_type == "NullTokenizer":
-        need(m.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
-
-    need(t.log_interval >= 1, "--log-interval must be >= 1")
-    need(t.eval_interval >= 1, "--eval-interval must be >= 1")
-    need(t.eval_iters >= 0, f"--eval-iters must be >= 0 (0 disables evaluation), got {t.eval_iters}")
-    if t.save_interval is not None:
-        need(t.save is not None, "--save-interval needs --save DIR")
+    for prefix in cfg.data.shard_prefixes():
+        _as_config_error(check_prefix_files, prefix)
+    for flag, path in cfg.data.tokenizer_files(cfg.model.vocab_size):
+        need(os.path.isfile(path), f"{flag}: {path} does not exist or is not a file")
+    t = cfg.train
     # Output locations: found unwritable here, not when the first checkpoint is saved hours in.
     for flag, directory in (("--save", t.save), ("--tensorboard-dir", t.tensorboard_dir)):
         if directory is not None:
@@ -371,9 +369,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     if t.metrics_jsonl is not None:
         need(not os.path.isdir(t.metrics_jsonl),
              f"--metrics-jsonl: {t.metrics_jsonl} is a directory; give a file path")
-        _check_output_dir("--metrics-jsonl", t.metrics_jsonl,
-                          os.path.dirname(os.path.abspath(t.metrics_jsonl)))
-    return cfg
+        _check_output_dir("--metrics-jsonl", t.metrics_jsonl, os.path.dirname(os.path.abspath(t.metrics_jsonl)))
 
 
 def _check_output_dir(flag: str, given: str, directory: str) -> None:

@@ -1,77 +1,58 @@
 """Pretrain a GPT: ``torchrun --nproc_per_node N -m megatron_lite.pretrain_gpt <Megatron flags>``.
 
-``python -m megatron_lite.pretrain_gpt ...`` runs the same code as one process. How failures are
-reported (stderr, no traceback for anything the user can fix):
-
-- a bad flag or flag combination (``ConfigError`` from ``validate``, which every rank runs the same
-  way before any process group exists): rank 0 prints ``error: ...`` once; every rank exits 2;
-- a user error found later on some ranks only (a missing checkpoint shard, an unreadable tokenizer
-  file, an unwritable output path): each failing rank prints ``error: [rank N] ...``; exit 2;
-- a rank that fails only because another rank died or a collective timed out prints at most
-  ``error: [rank N] lost contact with another rank (its own error is printed above)``; exit 1;
-- anything else is a bug and keeps its traceback.
+The GPT pretraining task, as Megatron-LM's ``pretrain_gpt.py``: its three providers (model,
+datasets, forward step with the masked-mean loss) handed to the generic trainer, plus the entry
+point. ``python -m megatron_lite.pretrain_gpt ...`` runs the same code as one process. Errors are
+reported by ``megatron_lite.cli`` (one ``error:`` line, exit 2; see there for the rules with
+several ranks).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
-import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
-EXIT_USAGE = 2
-EXIT_PEER_LOST = 1
-# torchrun stops every worker at the first one that exits: ranks that fail identically to rank 0
-# wait this long so that rank 0 has printed the shared message before torchrun stops it.
-RANK0_FIRST_DELAY_S = 2.0
-# What gloo (and our P2P layer) say when a peer process is gone or a transfer timed out.
-PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                     "Timed out waiting", "remote worker crashing")
+from megatron_lite.cli import EXIT_USAGE, run_main
 
 
-def _user_error_types():
-    """Errors that mean "fix the command line or the files", not a bug."""
-    from megatron_lite.data.gpt_dataset import GPTDatasetError
-    from megatron_lite.data.indexed_dataset import IndexedDatasetError
-    from megatron_lite.data.tokenizer import TokenizerError
-    from megatron_lite.parallel.schedule_orders import ScheduleError
-    from megatron_lite.parallel.state import ParallelConfigError
-    from megatron_lite.training.batch import DataExhaustedError
-    from megatron_lite.training.checkpoint import CheckpointError
-    from megatron_lite.training.metrics import OutputPathError
-    return (TokenizerError, GPTDatasetError, IndexedDatasetError, CheckpointError, ScheduleError,
-            ParallelConfigError, DataExhaustedError, OutputPathError)
+def model_provider(cfg, pstate):
+    """This rank's GPT chunks (one per virtual stage with interleaving)."""
+    from megatron_lite.model.gpt import build_model_chunks
+
+    return build_model_chunks(cfg, pstate)
 
 
-def is_peer_lost(e: BaseException) -> bool:
-    """True when ``e`` only reports that another rank is gone or did not answer in time."""
-    import torch.distributed as dist
-    from megatron_lite.parallel.p2p import P2PError
+def datasets_provider(cfg, tokenizer, train_valid_test_num_samples: Sequence[int]):
+    """(train, valid, test): --mock-data, or --data-path / --split shards."""
+    from megatron_lite.data.builder import build_pretraining_datasets
 
-    if isinstance(e, dist.DistError):  # DistBackendError, DistNetworkError, DistStoreError
-        return True
-    if isinstance(e, P2PError):
-        # Our P2P layer wraps a failed transfer (raised from the backend's error); a P2PError
-        # without a cause is a wrong activation shape on this rank, which is a bug.
-        return e.__cause__ is not None
-    if isinstance(e, (RuntimeError, ConnectionError)):
-        return any(marker in str(e) for marker in PEER_LOST_MARKERS)
-    return False
+    return build_pretraining_datasets(cfg.data, cfg.model.seq_length, cfg.train.seed,
+                                      train_valid_test_num_samples, vocab_size=cfg.model.vocab_size)
 
 
-def is_user_os_error(e: BaseException) -> bool:
-    """An OSError about a named file or directory (permission, missing, disk full), not a socket."""
-    return isinstance(e, OSError) and not isinstance(e, ConnectionError) and e.filename is not None
+def loss_func(loss_mask, output_tensor):
+    """Mean of the per-token losses over the tokens the mask keeps (Megatron's GPT loss)."""
+    import torch
+
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1.0)
+    return loss, {"lm loss": loss.detach()}
 
 
-def first_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}"
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def forward_step(data_iterator, model):
+    """One micro-batch through this stage; on the last stage the per-token loss, masked in loss_func."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    return output, functools.partial(loss_func, batch["loss_mask"])
 
 
-def _say(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+def pretrain_gpt(cfg, world_size: Optional[int] = None):
+    """Run GPT pretraining for ``cfg``; returns the trainer's summary."""
+    from megatron_lite.training.trainer import pretrain
+
+    return pretrain(cfg, datasets_provider, model_provider, forward_step, world_size=world_size)
 
 
 def dry_run(cfg) -> int:
@@ -92,48 +73,23 @@ def dry_run(cfg) -> int:
     return 0
 
 
-def _lost_contact_message(e: BaseException) -> str:
-    if "Timed out" in str(e) or "timed out" in str(e):
-        return ("timed out waiting for another rank (--distributed-timeout-minutes); that rank failed "
-                "(its own error is printed above) or is stuck")
-    return "lost contact with another rank (its own error is printed above)"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    import torch.distributed as dist
-    from megatron_lite.config import ConfigError, parse_args
+    from megatron_lite.config import parse_args
     from megatron_lite.parallel.state import destroy_parallel
-    from megatron_lite.training.trainer import pretrain
 
     cfg = parse_args(argv)  # argparse reports unknown flags itself (exit 2, usage line)
-    rank = int(os.environ.get("RANK", "0"))
-    multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    who = f"[rank {rank}] " if multi_rank else ""
+
+    def body() -> int:
+        if cfg.train.dry_run:
+            return dry_run(cfg)
+        pretrain_gpt(cfg)
+        return 0
+
     failed = True
     try:
-        if cfg.train.dry_run:
-            status = dry_run(cfg)
-        else:
-            pretrain(cfg)
-            status = 0
-        failed = False
+        status = run_main(body, usage_status=EXIT_USAGE)
+        failed = status != 0
         return status
-    except ConfigError as e:
-        if dist.is_initialized():  # found after the groups exist: maybe on this rank only
-            _say(who + first_line(e))
-        elif rank == 0:  # validate() fails the same way on every rank: say it once
-            _say(first_line(e))
-        else:
-            time.sleep(RANK0_FIRST_DELAY_S)
-        return EXIT_USAGE
-    except Exception as e:  # noqa: BLE001 - sorted here; bugs are re-raised with their traceback
-        if multi_rank and is_peer_lost(e):
-            _say(who + _lost_contact_message(e))
-            return EXIT_PEER_LOST
-        if isinstance(e, _user_error_types()) or is_user_os_error(e):
-            _say(who + first_line(e))
-            return EXIT_USAGE
-        raise
     finally:
         try:
             destroy_parallel()

@@ -24,7 +24,7 @@ BASE = ["--mock-data", "--vocab-size", "256", "--make-vocab-size-divisible-by", 
 def _continuous_then_resumed(rank, world, root):
     from megatron_lite.config import parse_args
     from megatron_lite.parallel.state import get_parallel_state
-    from megatron_lite.training.trainer import pretrain
+    from megatron_lite.pretrain_gpt import pretrain_gpt as pretrain
 
     full = pretrain(parse_args(BASE + ["--train-iters", "6"]), world_size=world)
     recomputed = pretrain(parse_args(BASE + ["--train-iters", "6", "--recompute-granularity", "full",

@@ -11,8 +11,9 @@ import pytest
 from megatron_lite.data import gpt_dataset as gd
 from megatron_lite.data.blended_dataset import (BlendedDataset, _chairman_choices, _two_way_choices,
                                                 build_blending_indices)
-from megatron_lite.data.gpt_dataset import (GPTDataset, GPTDatasetError, MockGPTDataset,
-                                            build_train_valid_test_datasets, split_document_ranges)
+from megatron_lite.data.builder import build_train_valid_test_datasets
+from megatron_lite.data.data_spec import split_document_ranges
+from megatron_lite.data.gpt_dataset import GPTDataset, GPTDatasetError, MockGPTDataset
 from megatron_lite.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, index_file_path
 
 

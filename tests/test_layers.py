@@ -18,8 +18,8 @@ from megatron_lite.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     init_method_normal,
-    param_is_tp_duplicate,
 )
+from megatron_lite.parallel.params import param_is_tp_duplicate
 from megatron_lite.parallel.state import ParallelState, initialize_parallel
 
 S, B, IN, OUT, VOCAB = 8, 2, 12, 16, 32  # all divisible by TP = 1, 2, 4

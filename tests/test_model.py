@@ -43,7 +43,7 @@ def loss_and_grads(model, ids, labels, **kw):
 
 def test_shapes_loss_and_parameter_count():
     cfg = tiny()
-    model = GPTModel(cfg)
+    model = GPTModel(cfg, ParallelState())
     ids, labels = tokens(0), tokens(1)
     loss = model(ids, labels=labels)
     assert loss.shape == (B, S) and loss.dtype == torch.float32
@@ -53,14 +53,14 @@ def test_shapes_loss_and_parameter_count():
     close(loss, F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="none").view(B, S))
     assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)
     untied = tiny(untie_embeddings_and_output_weights=True, position_embedding_type="rope")
-    assert sum(p.numel() for p in GPTModel(untied).parameters()) == count_parameters(untied)
-    hidden = GPTModel(cfg, post_process=False)(ids)
+    assert sum(p.numel() for p in GPTModel(untied, ParallelState()).parameters()) == count_parameters(untied)
+    hidden = GPTModel(cfg, ParallelState(), post_process=False)(ids)
     assert hidden.shape == (S, B, cfg.hidden_size)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_causal(backend):
-    model = GPTModel(tiny(attention_backend=backend))
+    model = GPTModel(tiny(attention_backend=backend), ParallelState())
     ids, labels = tokens(0), tokens(1)
     base = model(ids, labels=labels).detach()
     t = 9
@@ -100,7 +100,7 @@ def test_ltor_masks_by_hand():
 def test_reset_mask_makes_packed_documents_independent(backend):
     """With --reset-attention-mask --reset-position-ids, the second packed document's losses are
     those of the document run on its own."""
-    model = GPTModel(tiny(attention_backend=backend))
+    model = GPTModel(tiny(attention_backend=backend), ParallelState())
     ids, labels = tokens(0, b=1), tokens(1, b=1)
     k = 6
     ids[0, k - 1] = EOD
@@ -119,7 +119,7 @@ def test_attention_backends_agree(use_mask):
     mask, _, pos = get_ltor_masks_and_position_ids(ids, EOD, use_mask, use_mask, False)
     results = {}
     for backend in BACKENDS:
-        model = GPTModel(tiny(attention_backend=backend))
+        model = GPTModel(tiny(attention_backend=backend), ParallelState())
         assert model.attention_backend == backend
         results[backend] = loss_and_grads(model, ids, labels, position_ids=pos, attention_mask=mask)
     ref_loss, ref_grads = results["unfused"]
@@ -135,7 +135,7 @@ def test_attention_backends_agree(use_mask):
 
 def test_rope():
     cfg = tiny(position_embedding_type="rope")
-    model = GPTModel(cfg)
+    model = GPTModel(cfg, ParallelState())
     assert model.embedding.position_embeddings is None
     ids, labels = tokens(0), tokens(1)
     pos = torch.arange(S).expand(B, S)
@@ -183,9 +183,9 @@ def test_pipeline_stages_start_from_the_full_model_and_chain_to_its_loss():
     """Two stages built on their own (seeded by global names) hold exactly the full model's weights,
     and stage 0 -> stage 1 gives the full model's loss and (summed tied-embedding) grads."""
     cfg = tiny(num_layers=4)
-    full = GPTModel(cfg)
-    first = GPTModel(cfg, pre_process=True, post_process=False, layer_offset=0, num_layers=1)
-    last = GPTModel(cfg, pre_process=False, post_process=True, layer_offset=1, num_layers=3)
+    full = GPTModel(cfg, ParallelState())
+    first = GPTModel(cfg, ParallelState(), pre_process=True, post_process=False, layer_offset=0, num_layers=1)
+    last = GPTModel(cfg, ParallelState(), pre_process=False, post_process=True, layer_offset=1, num_layers=3)
     full_params = dict(full.named_parameters())
 
     def global_name(name, offset):
@@ -228,7 +228,7 @@ def test_build_model_chunks_interleaved():
     assert layout == {0: [(0, 2, True, False), (4, 2, False, False)],
                       1: [(2, 2, False, False), (6, 2, False, True)]}
     # Chunk 1 of stage 1 holds global layers 6, 7 of the single-stage model with the same seed.
-    full = GPTModel(cfg.model, seed=7)
+    full = GPTModel(cfg.model, ParallelState(), seed=7)
     chunk = build_model_chunks(cfg, ParallelState(pp_size=2, pp_rank=1))[1]
     assert torch.equal(chunk.decoder.layers[0].mlp.dense_h_to_4h.weight,
                        full.decoder.layers[6].mlp.dense_h_to_4h.weight)
@@ -253,7 +253,7 @@ def test_flops_formula():
     assert recomputed_layer_count(block) == 6  # 3 of the 4 layers on each of 2 stages
 
     # Against torch's own count of the matmul FLOPs the model executes (forward, then backward).
-    model = GPTModel(tiny(attention_backend="unfused"))
+    model = GPTModel(tiny(attention_backend="unfused"), ParallelState())
     ids = tokens(0, b=3)
     with FlopCounterMode(display=False) as fwd:
         loss = model(ids, labels=ids)

@@ -74,7 +74,7 @@ def _full_grad(p, ps):
 
 def _train(chunks, ps, cfg, texts, fb, loss_func_step):
     """5 SGD steps of schedule -> finalize grads -> step; returns (loss curve, step-1 grads)."""
-    from megatron_lite.training.finalize_grads import finalize_model_grads
+    from megatron_lite.distributed.finalize_grads import finalize_model_grads
     params = [p for c in chunks for p in c.parameters()]
     opt = torch.optim.SGD(params, lr=LR)
     curve, grads = [], {}
@@ -87,7 +87,7 @@ def _train(chunks, ps, cfg, texts, fb, loss_func_step):
                     model=chunks, num_microbatches=M, seq_length=S, micro_batch_size=MB, hidden_size=H,
                     pstate=ps, sequence_parallel=cfg.model.sequence_parallel)
         finalize_model_grads(chunks, ps)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
+        if ps.is_pipeline_last_stage():
             value = torch.stack([d["lm loss"] for d in losses]).mean().reshape(1)
             dist.all_reduce(value, group=ps.dp_group)
             curve.append(value.item() / ps.dp_size)
@@ -106,7 +106,7 @@ def _parity_worker(rank, world):
     from megatron_lite.parallel.random import model_parallel_seed
     from megatron_lite.parallel.schedules import get_forward_backward_func
     from megatron_lite.parallel.state import initialize_parallel
-    from megatron_lite.training.trainer import forward_step
+    from megatron_lite.pretrain_gpt import forward_step
 
     out = {}
     layouts = {}
@@ -114,7 +114,7 @@ def _parity_worker(rank, world):
         if (tp, pp) not in layouts:
             layouts[(tp, pp)] = initialize_parallel(tensor=tp, pipeline=pp)
         ps = layouts[(tp, pp)]
-        ps.virtual_pp_size, ps.virtual_pp_rank = vp, 0
+        ps.virtual_pp_size = vp
         cfg = _config(layers, tp, pp, vp, schedule, sp)
         model_parallel_seed(cfg.train.seed, ps)
         chunks = build_model_chunks(cfg, ps)
@@ -129,7 +129,7 @@ def _reference(num_layers, dp):
     """Single process, every micro-batch of the global batch, the same 5 SGD steps."""
     from megatron_lite.model.gpt import GPTModel
     from megatron_lite.parallel.state import ParallelState
-    from megatron_lite.training.trainer import forward_step
+    from megatron_lite.pretrain_gpt import forward_step
     cfg = _config(num_layers)
     model = GPTModel(cfg.model, ParallelState(), seed=cfg.train.seed)
     opt = torch.optim.SGD(model.parameters(), lr=LR)

@@ -127,7 +127,8 @@ def _toy_reference(weights, batches):
 def _toy_step_func(ps):
     def step(it, model):
         x, y = next(it)
-        out = model(x if ps.is_pipeline_first_stage() else None)
+        # The chunk knows whether it holds the first layer (as GPTModel knows pre_process).
+        out = model(x if model.first == 0 else None)
 
         def loss_func(o, non_loss_data=False):
             if non_loss_data:

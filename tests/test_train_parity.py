@@ -65,7 +65,7 @@ def _train_variants(rank, world, variants):
     """Train each variant in turn in these processes; return the curves held by the logging rank."""
     from megatron_lite.config import parse_args
     from megatron_lite.parallel.state import get_parallel_state
-    from megatron_lite.training.trainer import pretrain
+    from megatron_lite.pretrain_gpt import pretrain_gpt as pretrain
 
     out = {}
     for name, extra in variants.items():

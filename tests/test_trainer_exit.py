@@ -13,7 +13,7 @@ TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "1", "--hidden-siz
 
 def _run(rank, world, extra):
     from megatron_lite.config import parse_args
-    from megatron_lite.training.trainer import pretrain
+    from megatron_lite.pretrain_gpt import pretrain_gpt as pretrain
     summary = pretrain(parse_args(TINY + extra), world_size=world)
     return {"iteration": summary.iteration, "exit_reason": summary.exit_reason, "losses": len(summary.losses)}
 

@@ -17,7 +17,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_lite.data.gpt_dataset import FORMAT_VERSION, GPTDatasetError, load_or_build_cached
+from megatron_lite.data.index_cache import FORMAT_VERSION, load_or_build_cached
+from megatron_lite.errors import DatasetError as GPTDatasetError
 
 BLEND_RULE = "tijdeman-1980"  # part of the cache key: indices built by an earlier rule are not reused
 

@@ -17,32 +17,21 @@ The index functions take a plain lengths array, so they can be benchmarked witho
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import re
-import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from megatron_lite.data.indexed_dataset import IndexedDataset, dataset_exists
-from megatron_lite.io_utils import atomic_open, atomic_write_text
+from megatron_lite.data.index_cache import FORMAT_VERSION, array_md5, file_stamp, load_or_build_cached
+from megatron_lite.errors import DatasetError as GPTDatasetError
 
-FORMAT_VERSION = 1
 # Megatron-LM: a final epoch contributing fewer than 80% of an epoch's samples is shuffled
 # separately, so the requested samples come from whole epochs as far as possible.
 SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
-# Megatron-LM asks each blended dataset for 0.5% more samples than its share.
-BLEND_SURPLUS = 0.005
 # Epochs are processed in groups of about this many documents to bound peak memory.
 _DOCS_PER_CHUNK = 1 << 23
 _INDEX_NAMES = ("doc_idx", "sample_idx", "shuffle_idx")
-
-
-class GPTDatasetError(ValueError):
-    """Bad data input; the message names the flag or file and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,69 +129,6 @@ def build_sample_indices(sequence_lengths: np.ndarray, document_ids: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # On-disk cache shared by every rank
 # ---------------------------------------------------------------------------------------------
-def description_hash(description: dict) -> str:
-    return hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()
-
-
-def _distributed():
-    """torch.distributed when a process group is up, else None (torch is never imported here)."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return None
-    return torch.distributed
-
-
-def load_or_build_cached(cache_dir: Optional[str], kind: str, description: dict,
-                         names: Sequence[str], build: Callable[[], Tuple[np.ndarray, ...]]
-                         ) -> Dict[str, np.ndarray]:
-    """Arrays named `names` from `cache_dir`, building and saving them when absent.
-
-    With torch.distributed initialised, global rank 0 builds first; the others wait at a
-    barrier, then load, or build themselves if their cache directory is not shared.
-    Without a cache_dir the arrays are built in memory.
-    """
-    if cache_dir is None:
-        return dict(zip(names, build()))
-    digest = description_hash(description)
-    paths = {n: os.path.join(cache_dir, f"{digest}-{kind}-{n}.npy") for n in names}
-
-    def build_and_save():
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-        except OSError as e:
-            raise GPTDatasetError(f"cannot create the index cache directory {cache_dir} ({e.strerror}); "
-                                  "pass --data-cache-path DIR on a writable disk") from None
-        if not os.access(cache_dir, os.W_OK):
-            raise GPTDatasetError(f"the index cache directory {cache_dir} is not writable; "
-                                  "pass --data-cache-path DIR on a writable disk")
-        for name, array in zip(names, build()):
-            with atomic_open(paths[name], "wb") as f:
-                np.save(f, array, allow_pickle=False)
-        atomic_write_text(os.path.join(cache_dir, f"{digest}-{kind}-description.json"),
-                          json.dumps(description, indent=2, sort_keys=True))
-
-    def cached() -> bool:
-        return all(os.path.isfile(p) for p in paths.values())
-
-    dist = _distributed()
-    if (dist is None or dist.get_rank() == 0) and not cached():
-        build_and_save()
-    if dist is not None:
-        dist.barrier()
-        if not cached():
-            build_and_save()
-    return {n: np.load(p, mmap_mode="r", allow_pickle=False) for n, p in paths.items()}
-
-
-def _file_stamp(path: str) -> dict:
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-
-
-def _array_md5(array: np.ndarray) -> str:
-    return hashlib.md5(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +165,8 @@ class GPTDataset:
         self.description = {
             "class": "GPTDataset", "format_version": FORMAT_VERSION, "name": name,
             "path_prefix": os.path.abspath(prefix) if prefix else None,
-            "files": ({ext: _file_stamp(prefix + ext) for ext in (".bin", ".idx")} if prefix else None),
-            "document_ids_md5": _array_md5(document_ids), "lengths_md5": _array_md5(lengths),
+            "files": ({ext: file_stamp(prefix + ext) for ext in (".bin", ".idx")} if prefix else None),
+            "document_ids_md5": array_md5(document_ids), "lengths_md5": array_md5(lengths),
             "seq_length": seq_length, "seed": seed, "num_samples": num_samples,
         }
         if cache_dir is None and prefix:
@@ -288,116 +214,3 @@ class MockGPTDataset:
             raise IndexError(f"sample {idx} out of range for {self.num_samples} mock samples")
         rng = np.random.default_rng([self.seed, idx])
         return {"text": rng.integers(0, self.vocab_size, self.seq_length + 1, dtype=np.int64)}
-
-
-# ---------------------------------------------------------------------------------------------
-# --data-path / --split -> train, valid, test
-# ---------------------------------------------------------------------------------------------
-def parse_split(split: str) -> List[float]:
-    """'969,30,1' (or '969/30/1', fewer than three parts) -> three weights summing to 1.
-
-    Every part must be a number, as in Megatron-LM: '80,,20' is an error, not '80,20'.
-    """
-    try:
-        values = [float(p) for p in re.split(r"[,/]", str(split).strip())]
-    except ValueError:
-        raise GPTDatasetError(f"--split must be up to three numbers like 969,30,1, got {split!r}") from None
-    if not 1 <= len(values) <= 3 or any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
-        raise GPTDatasetError(f"--split must be up to three non-negative numbers, not all zero "
-                              f"(like 969,30,1), got {split!r}")
-    values += [0.0] * (3 - len(values))
-    return [v / sum(values) for v in values]
-
-
-def split_document_ranges(split: str, num_documents: int) -> List[Tuple[int, int]]:
-    """[start, end) ranges of n = len(indexed dataset), i.e. of its sequences, for --split.
-
-    Megatron-LM's rounding: cumulative round(fraction * n), then shifted so the last ends at n.
-    """
-    bounds = [0]
-    for fraction in parse_split(split):
-        bounds.append(bounds[-1] + int(round(fraction * float(num_documents))))
-    excess = bounds[-1] - num_documents
-    bounds[1:] = [b - excess for b in bounds[1:]]
-    return [(bounds[i], bounds[i + 1]) for i in range(3)]
-
-
-_SPLIT_NAMES = ("train", "valid", "test")
-
-
-def _open_prefix(prefix: str) -> IndexedDataset:
-    if not dataset_exists(prefix):
-        raise GPTDatasetError(f"--data-path: {prefix}.bin / {prefix}.idx not found; preprocess the "
-                              "corpus with tools/preprocess_data.py or fix the prefix (no .bin/.idx suffix)")
-    return IndexedDataset(prefix)
-
-
-def _split_ranges(prefix: str, split: str) -> Tuple[IndexedDataset, List[Tuple[int, int]]]:
-    indexed = _open_prefix(prefix)
-    ranges = split_document_ranges(split, len(indexed))
-    if ranges[0][0] == ranges[0][1]:
-        raise GPTDatasetError(f"--split {split} leaves no training documents of the {len(indexed)} "
-                              f"in {prefix}; give the first split a larger share")
-    return indexed, ranges
-
-
-def build_train_valid_test_datasets(data_path, split: str, seq_length: int, seed: int,
-                                    train_valid_test_num_samples: Sequence[Optional[int]],
-                                    cache_path: Optional[str] = None):
-    """(train, valid, test) from --data-path PREFIX or 'W1 PREFIX1 W2 PREFIX2 ...'.
-
-    Each prefix is split on its own by sequences (= documents for tools/preprocess_data.py
-    shards; see split_document_ranges); with several prefixes each split is a
-    BlendedDataset of exactly the requested size over the prefixes that have documents in it
-    (weights renormalised; see blended_dataset for the share bound). None for a split with no
-    documents or 0 requested samples.
-    A sample count of None means one epoch (single prefix only).
-    """
-    from megatron_lite.config import parse_data_path
-    from megatron_lite.data.blended_dataset import BlendedDataset  # it imports this module
-
-    if isinstance(data_path, str):
-        data_path = data_path.split()
-    weights, prefixes = parse_data_path(data_path)
-    if not prefixes:
-        raise GPTDatasetError("--data-path is required (or --mock-data for random tokens)")
-    num_samples = list(train_valid_test_num_samples)
-    if len(num_samples) != 3:
-        raise GPTDatasetError(f"expected sample counts for train, valid and test, got {num_samples}")
-    if len(prefixes) > 1 and any(n is None for n in num_samples):
-        raise GPTDatasetError("blending several --data-path prefixes needs a sample count for every split")
-    if weights is None:
-        weights = [1.0] * len(prefixes)
-    opened = [(w, p) + _split_ranges(p, split) for w, p in zip(weights, prefixes) if w > 0]
-    blend_cache = cache_path or os.path.join(os.path.dirname(os.path.abspath(opened[0][1])),
-                                             "cache", "BlendedDataset_indices")
-    result = []
-    for s, (name, wanted) in enumerate(zip(_SPLIT_NAMES, num_samples)):
-        present = [(w, p, ds, ranges[s]) for w, p, ds, ranges in opened if ranges[s][0] < ranges[s][1]]
-        if wanted == 0 or not present:
-            result.append(None)
-            continue
-        if len(opened) == 1:
-            _, _, indexed, (begin, end) = present[0]
-            result.append(GPTDataset(indexed, name, np.arange(begin, end), wanted, seq_length, seed, cache_path))
-            continue
-        total = sum(w for w, *_ in present)
-        parts = []
-        for w, _, indexed, (begin, end) in present:
-            share = int(math.ceil(math.ceil(wanted * w / total) * (1 + BLEND_SURPLUS)))
-            parts.append(GPTDataset(indexed, name, np.arange(begin, end), share, seq_length, seed, cache_path))
-        result.append(BlendedDataset(parts, [w / total for w, *_ in present], wanted, blend_cache))
-    return tuple(result)
-
-
-def build_pretraining_datasets(data_config, seq_length: int, seed: int,
-                               train_valid_test_num_samples: Sequence[Optional[int]],
-                               vocab_size: Optional[int] = None):
-    """(train, valid, test) from a config.DataConfig: --mock-data or --data-path/--split."""
-    if data_config.mock_data:
-        if vocab_size is None:
-            raise GPTDatasetError("--mock-data needs a vocabulary size (--vocab-size or a tokenizer)")
-        return tuple(MockGPTDataset(vocab_size, seq_length, n, seed + s) if n else None
-                     for s, n in enumerate(train_valid_test_num_samples))
-    return build_train_valid_test_datasets(data_config.data_path, data_config.split, seq_length, seed,
-                                           train_valid_test_num_samples, data_config.data_cache_path)

@@ -22,6 +22,7 @@ from itertools import chain
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import regex
+from megatron_lite.errors import TokenizerError
 
 EOD_TOKEN = "<|endoftext|>"
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -29,10 +30,6 @@ TOKENIZER_TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 # Conventional end-of-sequence spellings, tried (after <|endoftext|> and tokenizer_config.json) to find eod.
 _EOS_CANDIDATES = ("</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
 _BPE_CACHE_LIMIT = 1 << 20  # words; cleared when full so a huge corpus cannot grow it without bound
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file is missing, unreadable or malformed; the message names the file and the fix."""
 
 
 @lru_cache(maxsize=None)
@@ -420,30 +417,56 @@ class NullTokenizer:
         return " ".join(str(int(i)) for i in _ids_from_any(ids))
 
 
-def build_tokenizer(tokenizer_type: str, vocab_file: Optional[str] = None, merge_file: Optional[str] = None,
-                    tokenizer_model: Optional[str] = None, vocab_size: Optional[int] = None, fast: bool = True):
-    """Build the tokenizer named by --tokenizer-type from the flags it needs."""
+def required_tokenizer_files(tokenizer_type: str, vocab_file: Optional[str] = None,
+                             merge_file: Optional[str] = None, tokenizer_model: Optional[str] = None,
+                             vocab_size: Optional[int] = None) -> List[Tuple[str, str]]:
+    """(flag, path) of every file --tokenizer-type reads; a flag it needs and lacks is a TokenizerError."""
     if tokenizer_type == "GPT2BPETokenizer":
         for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
             if path is None:
                 raise TokenizerError(f"{flag} is required with --tokenizer-type GPT2BPETokenizer")
-        return GPT2BPETokenizer(vocab_file, merge_file, fast=fast)
+        return [("--vocab-file", vocab_file), ("--merge-file", merge_file)]
     if tokenizer_type == "HuggingFaceTokenizer":
         if tokenizer_model is None:
             raise TokenizerError("--tokenizer-model PATH (a tokenizer.json) is required with "
                                  "--tokenizer-type HuggingFaceTokenizer")
-        return HuggingFaceTokenizer(tokenizer_model)
+        return [("--tokenizer-model", tokenizer_model)]
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None:
             raise TokenizerError("--tokenizer-type NullTokenizer needs --vocab-size")
-        return NullTokenizer(vocab_size)
+        return []
     raise TokenizerError(f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
 
 
+def build_tokenizer(tokenizer_type: str, vocab_file: Optional[str] = None, merge_file: Optional[str] = None,
+                    tokenizer_model: Optional[str] = None, vocab_size: Optional[int] = None, fast: bool = True):
+    """Build the tokenizer named by --tokenizer-type from the flags it needs."""
+    required_tokenizer_files(tokenizer_type, vocab_file, merge_file, tokenizer_model, vocab_size)
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(vocab_file, merge_file, fast=fast)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(tokenizer_model)
+    return NullTokenizer(vocab_size)
+
+
+def effective_tokenizer_type(tokenizer_type: str, vocab_file: Optional[str], mock_data: bool,
+                             vocab_size: Optional[int]) -> str:
+    """--mock-data with --vocab-size and no tokenizer files reads none: random ids < N need no text."""
+    if mock_data and vocab_size and tokenizer_type == "GPT2BPETokenizer" and not vocab_file:
+        return "NullTokenizer"
+    return tokenizer_type
+
+
+def tokenizer_args_from_config(data_cfg, vocab_size: Optional[int] = None) -> dict:
+    """build_tokenizer's arguments from a DataConfig-like object (duck-typed: data/ never imports config)."""
+    vocab_file = getattr(data_cfg, "vocab_file", None)
+    return {"tokenizer_type": effective_tokenizer_type(getattr(data_cfg, "tokenizer_type", "GPT2BPETokenizer"),
+                                                       vocab_file, getattr(data_cfg, "mock_data", False),
+                                                       vocab_size),
+            "vocab_file": vocab_file, "merge_file": getattr(data_cfg, "merge_file", None),
+            "tokenizer_model": getattr(data_cfg, "tokenizer_model", None), "vocab_size": vocab_size}
+
+
 def build_tokenizer_from_config(data_cfg, vocab_size: Optional[int] = None, fast: bool = True):
-    """Build from a DataConfig-like object (tokenizer_type, vocab_file, merge_file, tokenizer_model)."""
-    return build_tokenizer(getattr(data_cfg, "tokenizer_type", "GPT2BPETokenizer"),
-                           vocab_file=getattr(data_cfg, "vocab_file", None),
-                           merge_file=getattr(data_cfg, "merge_file", None),
-                           tokenizer_model=getattr(data_cfg, "tokenizer_model", None),
-                           vocab_size=vocab_size, fast=fast)
+    """The run's tokenizer from a DataConfig-like object (tokenizer_type, vocab_file, merge_file, ...)."""
+    return build_tokenizer(**tokenizer_args_from_config(data_cfg, vocab_size), fast=fast)

@@ -51,12 +51,12 @@ def _recomputed_in_chunk(model_cfg: ModelConfig, layers: int) -> int:
 
 def recomputed_layer_count(config: Config) -> int:
     """Layers recomputed across every pipeline stage and model chunk of ``config``'s layout."""
-    from megatron_lite.model.gpt import layers_for_stage, virtual_pipeline_size  # avoid a cycle
+    from megatron_lite.parallel.layout import layers_for_stage
 
     m, par = config.model, config.parallel
     if m.recompute_method != "block" or m.recompute_granularity != "full":
         return _recomputed_in_chunk(m, m.num_layers)  # no layout dependence: all layers or none
-    vp = virtual_pipeline_size(config)
+    vp = config.virtual_pipeline_size()
     total = 0
     for pp_rank in range(par.pipeline_model_parallel_size):
         for vp_rank in range(vp or 1):

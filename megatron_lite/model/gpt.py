@@ -19,13 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import Config, ModelConfig, pad_vocab_size
+from megatron_lite.model.heads import LMHead
 from megatron_lite.model.rotary import RotaryEmbedding
 from megatron_lite.model.transformer import TransformerBlock, resolve_attention_backend, seeded_init
-from megatron_lite.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, column_parallel_linear
-from megatron_lite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lite.parallel.layout import layers_for_stage
+from megatron_lite.parallel.layers import VocabParallelEmbedding
 from megatron_lite.parallel.mappings import scatter_to_sequence_parallel
+from megatron_lite.parallel.params import mark_shared_embedding
 from megatron_lite.parallel.random import get_rng_tracker
-from megatron_lite.parallel.state import ParallelState, get_parallel_state
+from megatron_lite.parallel.state import ParallelState, require_state
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
@@ -78,7 +80,7 @@ class GPTModel(nn.Module):
                  post_process: bool = True, layer_offset: int = 0, num_layers: Optional[int] = None,
                  seed: int = 1234):
         super().__init__()
-        ps = pstate if pstate is not None else get_parallel_state()
+        ps = require_state(pstate)
         self.config, self.pstate = config, ps
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_offset = layer_offset
@@ -97,14 +99,15 @@ class GPTModel(nn.Module):
         self.decoder = TransformerBlock(config, layer_offset, self.num_layers, seed, self.attention_backend,
                                         post_process, ps)
 
-        self.output_layer = None
+        self.output_layer = None  # the head (model/heads.py) on the last stage
         self.word_embeddings_for_head = None
-        if post_process and not self.tie_word_embeddings:
-            self.output_layer = ColumnParallelLinear(
-                config.hidden_size, self.vocab_size, bias=False, gather_output=False,
+        if post_process:
+            self.output_layer = LMHead(
+                config.hidden_size, self.vocab_size, ps, tied=self.tie_word_embeddings,
+                sequence_parallel=self.sequence_parallel,
                 init_method=seeded_init(seed, "output_layer.weight", config.init_method_std),
-                sequence_parallel=self.sequence_parallel, params_dtype=config.params_dtype, pstate=ps)
-        elif post_process and not pre_process:
+                params_dtype=config.params_dtype)
+        if post_process and not pre_process and self.tie_word_embeddings:
             # Last pipeline stage with tied weights: its own copy of the word embeddings, seeded by
             # the same name as stage 0's, so both start equal; the trainer all-reduces their grads
             # over the embedding group to keep them equal.
@@ -112,9 +115,9 @@ class GPTModel(nn.Module):
                 self.vocab_size, config.hidden_size,
                 init_method=seeded_init(seed, WORD_EMBEDDINGS, config.init_method_std),
                 params_dtype=config.params_dtype, pstate=ps)
-            self.word_embeddings_for_head.weight.shared_embedding = True
+            mark_shared_embedding(self.word_embeddings_for_head.weight)
         if pre_process and not post_process and self.tie_word_embeddings:
-            self.embedding.word_embeddings.weight.shared_embedding = True
+            mark_shared_embedding(self.embedding.word_embeddings.weight)
 
     # ---- pipeline plumbing -------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -127,11 +130,9 @@ class GPTModel(nn.Module):
         """The word-embedding weight on the first stage, the LM-head weight on the last."""
         if self.pre_process:
             return self.embedding.word_embeddings.weight
-        if self.output_layer is not None:
-            return self.output_layer.weight
         if self.word_embeddings_for_head is not None:
             return self.word_embeddings_for_head.weight
-        return None
+        return getattr(self.output_layer, "weight", None)
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
@@ -159,76 +160,15 @@ class GPTModel(nn.Module):
         hidden = self.decoder(hidden, attention_mask, rotary)
         if not self.post_process:
             return hidden
-        logits = self._lm_logits(hidden)  # [s, b, V/tp]
+        head_weight = None if getattr(self.output_layer, "weight", None) is not None else \
+            self.shared_embedding_or_output_weight()
+        output = self.output_layer(hidden, head_weight)  # [s, b, V/tp] for the LM head
         if labels is None:
-            return logits.transpose(0, 1).contiguous()
-        loss = vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous(),
-                                            pstate=self.pstate)
-        return loss.transpose(0, 1).contiguous()
-
-    def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Megatron's parallel_lm_logits: enter the TP region, multiply by this rank's vocab shard."""
-        if self.output_layer is not None:
-            logits, _ = self.output_layer(hidden)
-            return logits
-        return column_parallel_linear(hidden, self.shared_embedding_or_output_weight(), None,
-                                      self.sequence_parallel, self.pstate)
+            return output.transpose(0, 1).contiguous()
+        return self.output_layer.loss(output, labels)
 
 
 # ---- pipeline layout ------------------------------------------------------------------------
-
-def layers_for_stage(num_layers: int, pp_size: int, pp_rank: int, first: Optional[int] = None,
-                     last: Optional[int] = None, vp_size: Optional[int] = None,
-                     vp_rank: int = 0) -> Tuple[int, int]:
-    """(global index of the first layer, number of layers) held by pipeline rank ``pp_rank``
-    (model chunk ``vp_rank`` of ``vp_size`` with interleaving), as Megatron-LM splits them.
-
-    Even: L / pp layers per stage. Uneven: --decoder-first/last-pipeline-num-layers on the first/
-    last stage, the rest split evenly over the middle stages. Interleaved: chunk v of stage p holds
-    layers_per_chunk = L / (pp * vp) layers starting at v * (L / vp) + p * layers_per_chunk, so
-    the chunks go round the stages in order (8 layers, pp 2, vp 2: [0,1] [4,5] | [2,3] [6,7]).
-    """
-    if not 0 <= pp_rank < pp_size:
-        raise ValueError(f"pipeline rank {pp_rank} is outside 0..{pp_size - 1}")
-    if vp_size is not None:
-        if first is not None or last is not None:
-            raise ValueError("interleaved (virtual) pipeline stages cannot be combined with "
-                             "--decoder-first/last-pipeline-num-layers")
-        if not 0 <= vp_rank < vp_size or num_layers % (pp_size * vp_size) != 0:
-            raise ValueError(f"cannot split {num_layers} layers into {pp_size} stages x {vp_size} chunks "
-                             f"(chunk {vp_rank})")
-        per_chunk = num_layers // (pp_size * vp_size)
-        return vp_rank * (num_layers // vp_size) + pp_rank * per_chunk, per_chunk
-    if pp_size == 1:
-        return 0, num_layers
-    if first is None and last is None:
-        if num_layers % pp_size != 0:
-            raise ValueError(f"--num-layers ({num_layers}) is not divisible by the {pp_size} pipeline stages")
-        per_stage = num_layers // pp_size
-        return pp_rank * per_stage, per_stage
-    n_first, n_last = first or 0, last or 0
-    middle_stages = pp_size - (first is not None) - (last is not None)
-    middle_layers = num_layers - n_first - n_last
-    if middle_layers < 0 or (middle_stages == 0 and middle_layers != 0) or \
-            (middle_stages > 0 and middle_layers % middle_stages != 0):
-        raise ValueError(f"{num_layers} layers cannot be split over {pp_size} stages with first={first}, "
-                         f"last={last}")
-    if pp_rank == 0 and first is not None:
-        return 0, first
-    if pp_rank == pp_size - 1 and last is not None:
-        return num_layers - last, last
-    per_stage = middle_layers // middle_stages
-    return n_first + (pp_rank - (first is not None)) * per_stage, per_stage
-
-
-def virtual_pipeline_size(config: Config) -> Optional[int]:
-    """Model chunks per stage under interleaving (None without it)."""
-    per_chunk = config.parallel.num_layers_per_virtual_pipeline_stage
-    pp = config.parallel.pipeline_model_parallel_size
-    if per_chunk is None or pp == 1:
-        return None
-    return (config.model.num_layers // pp) // per_chunk
-
 
 def build_model_chunks(config: Config, pstate: Optional[ParallelState] = None) -> List[GPTModel]:
     """This rank's model: one GPTModel, or one per virtual stage with interleaving (in chunk order).
@@ -236,9 +176,9 @@ def build_model_chunks(config: Config, pstate: Optional[ParallelState] = None) -
     The embedding lives on chunk 0 of pipeline stage 0, the LM head on the last chunk of the last
     stage. Every chunk is seeded by global layer names, so the layout never changes the weights.
     """
-    ps = pstate if pstate is not None else get_parallel_state()
+    ps = require_state(pstate)
     par = config.parallel
-    vp_size = virtual_pipeline_size(config)
+    vp_size = config.virtual_pipeline_size()
     if ps.virtual_pp_size is not None and vp_size is not None and ps.virtual_pp_size != vp_size:
         raise ValueError(f"the parallel state has {ps.virtual_pp_size} virtual stages but the config gives "
                          f"{vp_size} (--num-layers-per-virtual-pipeline-stage)")

@@ -29,8 +29,9 @@ from megatron_lite.config import ModelConfig
 from megatron_lite.kernels.fused_softmax import FusedScaleMaskSoftmax, causal_mask
 from megatron_lite.model.rotary import apply_rotary_pos_emb
 from megatron_lite.parallel.layers import ColumnParallelLinear, RowParallelLinear, init_method_normal
+from megatron_lite.parallel.params import mark_sequence_parallel
 from megatron_lite.parallel.random import checkpoint, get_rng_tracker
-from megatron_lite.parallel.state import ParallelState, get_parallel_state
+from megatron_lite.parallel.state import ParallelState, require_state
 from megatron_lite.parallel.utils import divide
 
 ATTENTION_BACKENDS = ("unfused", "fused_softmax", "sdpa")
@@ -97,7 +98,7 @@ def layer_norm(config: ModelConfig, sequence_parallel: bool, device) -> nn.Modul
         # Each TP rank normalises only its sequence chunk, so its weight/bias grads are partial:
         # the trainer all-reduces grads of params carrying this flag over the TP group.
         for p in ln.parameters():
-            p.sequence_parallel = True
+            mark_sequence_parallel(p)
     return ln
 
 
@@ -275,7 +276,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_offset: int, num_layers: int, seed: int, backend: str,
                  post_process: bool, pstate: Optional[ParallelState] = None):
         super().__init__()
-        self.pstate = pstate if pstate is not None else get_parallel_state()
+        self.pstate = require_state(pstate)
         self.sequence_parallel = config.sequence_parallel and self.pstate.tp_size > 1
         self.layers = nn.ModuleList([
             TransformerLayer(config, f"decoder.layers.{layer_offset + i}", seed, backend,

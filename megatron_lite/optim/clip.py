@@ -17,22 +17,7 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lite.parallel.layers import param_is_tp_duplicate
-
-
-def param_is_shared_duplicate(param, pstate) -> bool:
-    """True for the last stage's copy of the tied word embedding when PP > 1."""
-    return (getattr(param, "shared_embedding", False) and pstate.pp_size > 1
-            and pstate.pp_rank != 0)
-
-
-def param_grad(p) -> Optional[torch.Tensor]:
-    """The gradient of ``p`` the optimizer uses: ``main_grad`` when set, else ``p.grad``.
-
-    The data-parallel buffers of the roadmap accumulate fp32 gradients in ``main_grad``.
-    """
-    grad = getattr(p, "main_grad", None)
-    return grad if grad is not None else p.grad
+from megatron_lite.parallel.params import param_grad, param_is_duplicate
 
 
 def grads_for_norm(params: Iterable[torch.nn.Parameter], pstate) -> List[torch.Tensor]:
@@ -42,7 +27,7 @@ def grads_for_norm(params: Iterable[torch.nn.Parameter], pstate) -> List[torch.T
         grad = param_grad(p)
         if grad is None:
             continue
-        if param_is_tp_duplicate(p, pstate) or param_is_shared_duplicate(p, pstate):
+        if param_is_duplicate(p, pstate):
             continue
         out.append(grad)
     return out

@@ -18,13 +18,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_lite.optim.clip import clip_grad_norm, count_zeros, model_parallel_all_reduce, param_grad
+from megatron_lite.optim.clip import clip_grad_norm, count_zeros, model_parallel_all_reduce
+from megatron_lite.parallel.params import copy_parallel_attributes, param_grad
 from megatron_lite.optim.grad_scaler import build_grad_scaler
-
-# Attributes the parallel layers set on parameters; masters carry them so the norm dedupes alike.
-PARALLEL_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel",
-                  "shared_embedding")
-
 
 def param_has_no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Biases and norm weights (all 1-D parameters) are not decayed, as in Megatron-LM."""
@@ -127,9 +123,7 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
             masters = []
             for p in group["params"]:
                 m = torch.nn.Parameter(p.detach().clone().float())
-                for attr in PARALLEL_ATTRS:
-                    if hasattr(p, attr):
-                        setattr(m, attr, getattr(p, attr))
+                copy_parallel_attributes(p, m)
                 masters.append(m)
             self.model_params.append(list(group["params"]))
             master_groups.append({**group, "params": masters})

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lite.parallel.state import ParallelState, get_parallel_state
+from megatron_lite.parallel.state import ParallelState, require_state
 from megatron_lite.parallel.utils import vocab_range_for_rank
 
 
@@ -90,5 +90,5 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
     if vocab_parallel_logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(vocab_parallel_logits.shape)} and target {tuple(target.shape)} "
                          "must agree on every dim but the last")
-    ps = pstate if pstate is not None else get_parallel_state()
+    ps = require_state(pstate)
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, float(label_smoothing), ps)

@@ -24,7 +24,8 @@ from megatron_lite.parallel.mappings import (
     reduce_scatter_to_sequence_parallel,
     scatter_to_tp,
 )
-from megatron_lite.parallel.state import ParallelState, get_parallel_state
+from megatron_lite.parallel.params import mark_sequence_parallel, set_tensor_model_parallel_attributes
+from megatron_lite.parallel.state import ParallelState
 from megatron_lite.parallel.utils import divide, vocab_range_for_rank
 
 InitMethod = Callable[[torch.Tensor], object]
@@ -45,23 +46,6 @@ def init_method_normal(std: float, seed: Optional[int] = None) -> InitMethod:
         with torch.no_grad():
             return tensor.normal_(mean=0.0, std=std, generator=gen)
     return init_
-
-
-# ---- TP parameter attributes -----------------------------------------------------------------
-
-def set_tensor_model_parallel_attributes(tensor: torch.Tensor, is_parallel: bool, dim: int,
-                                         stride: int = 1) -> None:
-    """Mark how ``tensor`` is split over TP ranks (grad clipping counts replicated params once;
-    the optimizer copies these attributes onto its fp32 master weights)."""
-    tensor.tensor_model_parallel = is_parallel
-    tensor.partition_dim = dim
-    tensor.partition_stride = stride
-
-
-def param_is_tp_duplicate(param: torch.Tensor, pstate: Optional[ParallelState] = None) -> bool:
-    """True for a replicated (not TP-split) parameter on TP rank > 0: count it once, on rank 0."""
-    ps = pstate if pstate is not None else get_parallel_state()
-    return not getattr(param, "tensor_model_parallel", False) and ps.tp_rank > 0
 
 
 def _init_sharded_weight(param: nn.Parameter, full_shape: Tuple[int, int], partition_dim: int,
@@ -93,9 +77,10 @@ class _TPModule(nn.Module):
         return self._pstate.value
 
 
-def _resolve(pstate: Optional[ParallelState], device) -> Tuple[ParallelState, torch.device]:
-    ps = pstate if pstate is not None else get_parallel_state()
-    return ps, torch.device(device) if device is not None else ps.device
+def _resolve(pstate: ParallelState, device) -> Tuple[ParallelState, torch.device]:
+    if pstate is None:
+        raise TypeError("parallel layers need an explicit pstate (a ParallelState)")
+    return pstate, torch.device(device) if device is not None else pstate.device
 
 
 # ---- layers ----------------------------------------------------------------------------------
@@ -200,7 +185,7 @@ class RowParallelLinear(_TPModule):
             set_tensor_model_parallel_attributes(self.bias, is_parallel=False, dim=-1)
             # Under sequence parallelism each rank's bias grad covers only its sequence chunk:
             # the trainer all-reduces grads of params carrying this flag over the TP group.
-            self.bias.sequence_parallel = self.sequence_parallel
+            mark_sequence_parallel(self.bias, self.sequence_parallel)
         else:
             self.register_parameter("bias", None)
 

@@ -23,17 +23,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lite.parallel.state import ParallelState, get_parallel_state
+from megatron_lite.parallel.state import ParallelState, require_state
 from megatron_lite.parallel.utils import divide, split_tensor_along_dim
 
 # torch >= 2.6 renamed the single-tensor collectives; keep older versions working.
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 _reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
                           or getattr(dist, "reduce_scatter_tensor", None))
-
-
-def _state(pstate: Optional[ParallelState]) -> ParallelState:
-    return pstate if pstate is not None else get_parallel_state()
 
 
 # ---- raw collectives (no autograd) ---------------------------------------------------------
@@ -176,31 +172,31 @@ class _ReduceScatterToSequenceParallel(torch.autograd.Function):
 
 def copy_to_tp(x: torch.Tensor, pstate: Optional[ParallelState] = None) -> torch.Tensor:
     """Enter a TP region: identity forward, all-reduce of the gradient backward."""
-    ps = _state(pstate)
+    ps = require_state(pstate)
     return x if ps.tp_size == 1 else _CopyToTP.apply(x, ps)
 
 
 def reduce_from_tp(x: torch.Tensor, pstate: Optional[ParallelState] = None) -> torch.Tensor:
     """Leave a TP region: all-reduce (sum) forward, identity backward."""
-    ps = _state(pstate)
+    ps = require_state(pstate)
     return x if ps.tp_size == 1 else _ReduceFromTP.apply(x, ps)
 
 
 def scatter_to_tp(x: torch.Tensor, pstate: Optional[ParallelState] = None) -> torch.Tensor:
     """Keep this rank's chunk of the last dim; backward all-gathers the gradient."""
-    ps = _state(pstate)
+    ps = require_state(pstate)
     return x if ps.tp_size == 1 else _ScatterToTP.apply(x, ps)
 
 
 def gather_from_tp(x: torch.Tensor, pstate: Optional[ParallelState] = None) -> torch.Tensor:
     """All-gather along the last dim (rank order); backward keeps this rank's gradient chunk."""
-    ps = _state(pstate)
+    ps = require_state(pstate)
     return x if ps.tp_size == 1 else _GatherFromTP.apply(x, ps)
 
 
 def scatter_to_sequence_parallel(x: torch.Tensor, pstate: Optional[ParallelState] = None) -> torch.Tensor:
     """Keep this rank's chunk of dim 0 (sequence); backward all-gathers along dim 0."""
-    ps = _state(pstate)
+    ps = require_state(pstate)
     return x if ps.tp_size == 1 else _ScatterToSequenceParallel.apply(x, ps)
 
 
@@ -208,7 +204,7 @@ def gather_from_sequence_parallel(x: torch.Tensor, tensor_parallel_output_grad: 
                                   pstate: Optional[ParallelState] = None) -> torch.Tensor:
     """All-gather along dim 0; backward reduce-scatters (or, if the consumer is not TP-split,
     just splits) the gradient along dim 0."""
-    ps = _state(pstate)
+    ps = require_state(pstate)
     if ps.tp_size == 1:
         return x
     return _GatherFromSequenceParallel.apply(x, ps, tensor_parallel_output_grad)
@@ -217,5 +213,5 @@ def gather_from_sequence_parallel(x: torch.Tensor, tensor_parallel_output_grad: 
 def reduce_scatter_to_sequence_parallel(x: torch.Tensor,
                                         pstate: Optional[ParallelState] = None) -> torch.Tensor:
     """Sum over TP ranks and keep this rank's chunk of dim 0; backward all-gathers dim 0."""
-    ps = _state(pstate)
+    ps = require_state(pstate)
     return x if ps.tp_size == 1 else _ReduceScatterToSequenceParallel.apply(x, ps)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_lite.parallel.state import ParallelState, get_parallel_state
+from megatron_lite.parallel.state import ParallelState, require_state
 
 # Tags by direction of travel: activations move forward, gradients backward.
 FORWARD_TAG = 1
@@ -38,7 +38,7 @@ class P2PCommunicator:
 
     def __init__(self, pstate: Optional[ParallelState] = None, tensor_shape: Sequence[int] = (),
                  dtype: torch.dtype = torch.float32):
-        self.pstate = pstate if pstate is not None else get_parallel_state()
+        self.pstate = require_state(pstate)
         self.tensor_shape = tuple(int(s) for s in tensor_shape)
         self.dtype = dtype
         # NCCL needs its p2p calls grouped; gloo's batch_isend_irecv is the same isend/irecv loop.
@@ -124,31 +124,33 @@ class P2PCommunicator:
             "--distributed-timeout-minutes bounds how long a stage waits.")
 
     # ---- Megatron's named calls -------------------------------------------------------------
-    def recv_forward(self) -> Optional[torch.Tensor]:
-        if self.pstate.is_pipeline_first_stage():
+    # ``chunk``: the model chunk the schedule is running (interleaving); whether this rank holds the
+    # first/last virtual stage depends on it. Plain schedules run chunk 0.
+    def recv_forward(self, chunk: int = 0) -> Optional[torch.Tensor]:
+        if self.pstate.is_pipeline_first_stage(chunk):
             return None
         return self.communicate(None, None, recv_prev=True, recv_next=False)[0]
 
-    def recv_backward(self) -> Optional[torch.Tensor]:
-        if self.pstate.is_pipeline_last_stage():
+    def recv_backward(self, chunk: int = 0) -> Optional[torch.Tensor]:
+        if self.pstate.is_pipeline_last_stage(chunk):
             return None
         return self.communicate(None, None, recv_prev=False, recv_next=True)[1]
 
-    def send_forward(self, output_tensor) -> None:
-        if not self.pstate.is_pipeline_last_stage():
+    def send_forward(self, output_tensor, chunk: int = 0) -> None:
+        if not self.pstate.is_pipeline_last_stage(chunk):
             self.communicate(output_tensor, None, recv_prev=False, recv_next=False)
 
-    def send_backward(self, input_tensor_grad) -> None:
-        if not self.pstate.is_pipeline_first_stage():
+    def send_backward(self, input_tensor_grad, chunk: int = 0) -> None:
+        if not self.pstate.is_pipeline_first_stage(chunk):
             self.communicate(None, input_tensor_grad, recv_prev=False, recv_next=False)
 
-    def send_forward_recv_backward(self, output_tensor) -> Optional[torch.Tensor]:
-        if self.pstate.is_pipeline_last_stage():
+    def send_forward_recv_backward(self, output_tensor, chunk: int = 0) -> Optional[torch.Tensor]:
+        if self.pstate.is_pipeline_last_stage(chunk):
             return None
         return self.communicate(output_tensor, None, recv_prev=False, recv_next=True)[1]
 
-    def send_backward_recv_forward(self, input_tensor_grad) -> Optional[torch.Tensor]:
-        if self.pstate.is_pipeline_first_stage():
+    def send_backward_recv_forward(self, input_tensor_grad, chunk: int = 0) -> Optional[torch.Tensor]:
+        if self.pstate.is_pipeline_first_stage(chunk):
             return None
         return self.communicate(None, input_tensor_grad, recv_prev=True, recv_next=False)[0]
 

@@ -2,8 +2,8 @@
 forward or backward on a chosen model chunk, and the data-parallel no-sync context.
 
 ``with PipelineRun(...) as run:`` enters the no-sync context (training only) and, if the loop
-raises, leaves it and puts the chunk index back to 0, so a failed schedule leaves no state
-behind for the next call. ``run.finish()`` returns the schedule's result.
+raises, leaves it, so a failed schedule leaves no state behind for the next call. The running
+model chunk is the schedule's local state, passed to each call that depends on it. ``run.finish()`` returns the schedule's result.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from megatron_lite.parallel.p2p import P2PCommunicator
 from megatron_lite.parallel.schedule_orders import ScheduleError, check_microbatches
 from megatron_lite.parallel.schedule_stats import ScheduleStats
 from megatron_lite.parallel.schedule_steps import as_chunks, backward_step, forward_step, no_sync_context
-from megatron_lite.parallel.state import ParallelState, get_parallel_state
+from megatron_lite.parallel.state import ParallelState, require_state
 
 
 class PipelineRun:
@@ -24,7 +24,7 @@ class PipelineRun:
                  pstate: Optional[ParallelState] = None, forward_only: bool = False, grad_scale=None,
                  dtype=torch.float32, sequence_parallel: bool = False, collect_non_loss_data: bool = False,
                  no_sync_func=None, stats: Optional[ScheduleStats] = None):
-        self.pstate = pstate if pstate is not None else get_parallel_state()
+        self.pstate = require_state(pstate)
         self.chunks = as_chunks(model)
         vp = len(self.chunks)
         # Every rank checks the same numbers, so all raise together before any transfer.
@@ -57,7 +57,6 @@ class PipelineRun:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             self._end_no_sync()
-            self.set_chunk(0)
         return False
 
     def _end_no_sync(self) -> None:
@@ -65,21 +64,14 @@ class PipelineRun:
             self._sync.__exit__(None, None, None)
             self._sync = None
 
-    def set_chunk(self, chunk: int) -> None:
-        """First/last-stage checks (in the model and in p2p) depend on the running chunk."""
-        if self.pstate.virtual_pp_size is not None:
-            self.pstate.virtual_pp_rank = chunk
-
     def forward(self, input_tensor, microbatch: int, chunk: int = 0):
-        self.set_chunk(chunk)
         with torch.set_grad_enabled(not self.forward_only), self.stats.forward(microbatch, chunk, input_tensor):
             return forward_step(self.forward_step_func, self.iterators[chunk], self.chunks[chunk], input_tensor,
-                                self.num_microbatches, self.store, self.pstate.is_pipeline_last_stage(),
+                                self.num_microbatches, self.store, self.pstate.is_pipeline_last_stage(chunk),
                                 self.collect_non_loss_data)
 
     def backward(self, input_tensor, output_tensor, output_tensor_grad, microbatch: int, chunk: int = 0,
                  last: bool = False):
-        self.set_chunk(chunk)
         if last:
             self._end_no_sync()  # the last backward reduces DP grads
         grad = backward_step(input_tensor, output_tensor, output_tensor_grad, self.grad_scale)
@@ -90,8 +82,7 @@ class PipelineRun:
         """The per-micro-batch loss dicts on the last stage, ``[]`` elsewhere."""
         self._end_no_sync()
         self.stats.p2p_seconds = self.comm.seconds_blocked
-        self.set_chunk(0)
-        return self.store if self.pstate.is_pipeline_last_stage(ignore_virtual=True) else []
+        return self.store if self.pstate.is_pipeline_last_stage() else []
 
 
 def _iterators_per_chunk(data_iterator, num_chunks: int, num_microbatches: int):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lite.parallel.state import ParallelState, get_parallel_state
+from megatron_lite.parallel.state import ParallelState, require_state
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
 _TP_SEED_OFFSET = 2718
@@ -111,7 +111,7 @@ def model_parallel_seed(seed: int, pstate: Optional[ParallelState] = None) -> No
     ranks of a stage, different between stages. The tracker's model-parallel stream gets
     ``that + 2718 + tp_rank``.
     """
-    ps = pstate if pstate is not None else get_parallel_state()
+    ps = require_state(pstate)
     stage_seed = seed + _PP_SEED_STRIDE * ps.pp_rank
     _pyrandom.seed(stage_seed)
     np.random.seed(stage_seed % (2 ** 32))
@@ -217,7 +217,7 @@ def checkpoint(function, distribute_saved_activations: bool, *args,
     replicated there), cutting its memory by TP. Inputs need not require grad: the parameters
     inside ``function`` still get their gradients.
     """
-    ps = pstate if pstate is not None else get_parallel_state()
+    ps = require_state(pstate)
     # An input that requires grad makes the outputs part of the graph even when none of
     # ``args`` do (e.g. the first layer fed by a frozen embedding), so parameter grads flow.
     anchor = _grad_anchor() if torch.is_grad_enabled() else None

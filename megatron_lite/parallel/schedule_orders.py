@@ -17,16 +17,13 @@ Semantics follow Megatron-LM's ``megatron/core/pipeline_parallel/schedules.py``:
 from __future__ import annotations
 
 from typing import List, NamedTuple
+from megatron_lite.errors import ScheduleError
 
 
 class Step(NamedTuple):
     kind: str  # 'F' or 'B'
     microbatch: int
     chunk: int = 0
-
-
-class ScheduleError(ValueError):
-    """A micro-batch count or chunk layout that a pipeline schedule cannot run."""
 
 
 def check_microbatches(num_microbatches: int, pp_size: int, schedule: str, num_chunks: int = 1) -> None:

@@ -31,7 +31,7 @@ from megatron_lite.parallel.schedule_orders import ScheduleError, check_microbat
 from megatron_lite.parallel.schedule_stats import ScheduleStats
 from megatron_lite.parallel.schedule_steps import (as_chunks, backward_step, deallocate_output_tensor,
                                                    forward_step, no_sync_context)
-from megatron_lite.parallel.state import ParallelState, get_parallel_state
+from megatron_lite.parallel.state import ParallelState
 
 __all__ = ["get_forward_backward_func", "forward_backward_no_pipelining",
            "forward_backward_pipelining_gpipe", "forward_backward_pipelining_without_interleaving",
@@ -40,7 +40,7 @@ __all__ = ["get_forward_backward_func", "forward_backward_no_pipelining",
 
 
 # ---- choosing a schedule ---------------------------------------------------------------------
-def get_forward_backward_func(source=None, schedule: Optional[str] = None) -> Callable:
+def get_forward_backward_func(source, schedule: Optional[str] = None) -> Callable:
     """The schedule for a layout: ``source`` is a Config, a ParallelConfig or a ParallelState.
 
     PP == 1 runs without pipelining; otherwise ``schedule`` or the config's
@@ -48,8 +48,6 @@ def get_forward_backward_func(source=None, schedule: Optional[str] = None) -> Ca
     virtual pipeline size picks 'interleaved', else '1f1b'.
     """
     par = getattr(source, "parallel", source)  # a full Config carries .parallel
-    if par is None:
-        par = get_parallel_state()
     if isinstance(par, ParallelState):
         pp = par.pp_size
         schedule = schedule or ("interleaved" if par.virtual_pp_size is not None else "1f1b")
@@ -199,8 +197,8 @@ def forward_backward_pipelining_with_interleaving(
         inputs = [[] for _ in range(vp)]
         outputs = [[] for _ in range(vp)]
         output_grads = [[] for _ in range(vp)]
-        first_rank = ps.is_pipeline_first_stage(ignore_virtual=True)
-        last_rank = ps.is_pipeline_last_stage(ignore_virtual=True)
+        first_rank = ps.is_pipeline_first_stage()
+        last_rank = ps.is_pipeline_last_stage()
 
         def chunk_of(k, forward):
             return orders.interleaved_chunk_id(k, pp, vp, forward)
@@ -210,8 +208,7 @@ def forward_backward_pipelining_with_interleaving(
 
         def forward_k(k):
             c = chunk_of(k, True)
-            run.set_chunk(c)
-            if ps.is_pipeline_first_stage() and len(inputs[c]) == len(outputs[c]):
+            if ps.is_pipeline_first_stage(c) and len(inputs[c]) == len(outputs[c]):
                 inputs[c].append(None)  # the first virtual stage reads tokens, not activations
             y = run.forward(inputs[c][-1], mb_of(k), c)
             outputs[c].append(y)
@@ -222,21 +219,18 @@ def forward_backward_pipelining_with_interleaving(
 
         def backward_k(k):
             c = chunk_of(k, False)
-            run.set_chunk(c)
-            if ps.is_pipeline_last_stage() and not output_grads[c]:
+            if ps.is_pipeline_last_stage(c) and not output_grads[c]:
                 output_grads[c].append(None)  # the last virtual stage starts from its loss
             return run.backward(inputs[c].pop(0), outputs[c].pop(0), output_grads[c].pop(0), mb_of(k), c,
                                 last=k == total - 1)
 
         def sendable_output(y, k):
             """Output of forward k, or None when its chunk is the last virtual stage (nothing to send)."""
-            run.set_chunk(chunk_of(k, True))
-            if ps.is_pipeline_last_stage():
+            if ps.is_pipeline_last_stage(chunk_of(k, True)):
                 return None
             return y
 
-        run.set_chunk(0)
-        inputs[0].append(comm.recv_forward())
+        inputs[0].append(comm.recv_forward(chunk=0))
         for k in range(warmup):
             y = sendable_output(forward_k(k), k)
             next_c = chunk_of(k + 1, True)
@@ -255,8 +249,7 @@ def forward_backward_pipelining_with_interleaving(
             fk, bk = k + warmup, k
             y = sendable_output(forward_k(fk), fk)
             dx = backward_k(bk)
-            run.set_chunk(chunk_of(bk, False))
-            if ps.is_pipeline_first_stage():
+            if ps.is_pipeline_first_stage(chunk_of(bk, False)):
                 dx = None  # the first virtual stage has no predecessor to send to
             # Which chunk the next received activation / gradient belongs to (Megatron's rule).
             recv_prev = True
@@ -285,12 +278,10 @@ def forward_backward_pipelining_with_interleaving(
 
         if not forward_only:
             if all_warmup:
-                run.set_chunk(vp - 1)
-                output_grads[vp - 1].append(comm.recv_backward())
+                output_grads[vp - 1].append(comm.recv_backward(chunk=vp - 1))
             for k in range(remaining, total):
                 dx = backward_k(k)
-                run.set_chunk(chunk_of(k, False))
-                if ps.is_pipeline_first_stage():
+                if ps.is_pipeline_first_stage(chunk_of(k, False)):
                     dx = None
                 next_bc = chunk_of(k + 1, False)
                 recv_next = not (last_rank and next_bc == vp - 1) and k != total - 1

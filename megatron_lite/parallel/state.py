@@ -4,9 +4,9 @@ Rank layout follows Megatron-LM: TP varies fastest, then DP, then PP:
     rank = tp_rank + TP * (dp_rank + DP * pp_rank)
 so TP groups are runs of consecutive ranks (one node) and PP groups stride by TP * DP.
 
-Everything that talks to other ranks takes its group from a ``ParallelState``. One is
-current per process (set by ``initialize_parallel``); layers accept an explicit state and
-fall back to the current one.
+Everything that talks to other ranks takes its group from a ``ParallelState`` passed to it
+explicitly (``require_state`` refuses None). ``initialize_parallel`` also remembers the state it
+built, for the entry points and tests only (``get_parallel_state``).
 """
 from __future__ import annotations
 
@@ -18,10 +18,7 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-
-
-class ParallelConfigError(ValueError):
-    """A parallel layout that cannot be built (e.g. world size != TP * PP * DP)."""
+from megatron_lite.errors import ParallelConfigError
 
 
 @dataclass
@@ -43,20 +40,22 @@ class ParallelState:
     pp_ranks: List[int] = field(default_factory=lambda: [0])
     dp_ranks: List[int] = field(default_factory=lambda: [0])
     embedding_ranks: List[int] = field(default_factory=lambda: [0])
-    # Interleaved pipelining: the model chunk currently running on this rank.
+    # Interleaved pipelining: model chunks per stage (None without it). Which chunk is running is
+    # the schedule's own state, passed to the calls that depend on it.
     virtual_pp_size: Optional[int] = None
-    virtual_pp_rank: int = 0
     backend: str = "gloo"
+    device_type: Optional[str] = None  # "cuda" | "cpu"; None: cuda with nccl, else cpu
 
     # ---- pipeline position -------------------------------------------------
-    def is_pipeline_first_stage(self, ignore_virtual: bool = False) -> bool:
-        if not ignore_virtual and self.virtual_pp_size is not None and self.virtual_pp_rank != 0:
+    def is_pipeline_first_stage(self, chunk: Optional[int] = None) -> bool:
+        """First pipeline rank; with ``chunk``, also the first virtual stage (chunk 0 of it)."""
+        if chunk is not None and self.virtual_pp_size is not None and chunk != 0:
             return False
         return self.pp_rank == 0
 
-    def is_pipeline_last_stage(self, ignore_virtual: bool = False) -> bool:
-        if (not ignore_virtual and self.virtual_pp_size is not None
-                and self.virtual_pp_rank != self.virtual_pp_size - 1):
+    def is_pipeline_last_stage(self, chunk: Optional[int] = None) -> bool:
+        """Last pipeline rank; with ``chunk``, also the last virtual stage (its last chunk)."""
+        if chunk is not None and self.virtual_pp_size is not None and chunk != self.virtual_pp_size - 1:
             return False
         return self.pp_rank == self.pp_size - 1
 
@@ -76,11 +75,13 @@ class ParallelState:
     @property
     def is_logging_rank(self) -> bool:
         """The rank that holds the loss: last stage, first TP and DP rank."""
-        return self.is_pipeline_last_stage(ignore_virtual=True) and self.tp_rank == 0 and self.dp_rank == 0
+        return self.is_pipeline_last_stage() and self.tp_rank == 0 and self.dp_rank == 0
 
     @property
     def device(self) -> torch.device:
-        if self.backend == "nccl" and torch.cuda.is_available():
+        """Chosen apart from the backend: gloo can run on CUDA tensors too (inference on one GPU)."""
+        kind = self.device_type or ("cuda" if self.backend == "nccl" else "cpu")
+        if kind == "cuda" and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
@@ -194,6 +195,14 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, data: Optional[int] 
         embedding_ranks=emb_ranks, virtual_pp_size=virtual_pipeline, backend=backend,
     )
     return _STATE
+
+
+def require_state(pstate: Optional[ParallelState]) -> ParallelState:
+    """``pstate`` itself; code below the trainer never falls back to a process-global state."""
+    if pstate is None:
+        raise TypeError("pass the ParallelState explicitly (pstate=...); there is no implicit current state "
+                        "below the trainer")
+    return pstate
 
 
 def get_parallel_state() -> ParallelState:

@@ -11,14 +11,11 @@ identical data by construction.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
-
-
-class DataExhaustedError(RuntimeError):
-    """The dataset has fewer samples than the schedule asks for."""
+from megatron_lite.errors import DataExhaustedError
 
 
 def microbatch_sample_indices(consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
@@ -32,14 +29,25 @@ def microbatch_sample_indices(consumed_samples: int, micro_batch_size: int, dp_r
     return out
 
 
-def samples_to_batch(texts: torch.Tensor, eod: int, model_cfg, device) -> Dict[str, torch.Tensor]:
-    """[b, s+1] token ids -> inputs, shifted labels, loss mask, position ids, attention mask."""
+def samples_to_batch(texts: torch.Tensor, eod: int, model_cfg, device,
+                     sample_loss_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """[b, s+1] token ids -> inputs, shifted labels, loss mask, position ids, attention mask.
+
+    ``sample_loss_mask`` [b, s] (aligned with the labels) is the samples' own mask, when the dataset
+    gives one (SFT masks the prompt): it replaces the all-ones default and is combined with the
+    EOD mask when --eod-mask-loss is on.
+    """
     from megatron_lite.model.masks import get_ltor_masks_and_position_ids
 
     tokens = texts[:, :-1].contiguous()
     labels = texts[:, 1:].contiguous()
     attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
         tokens, eod, model_cfg.reset_position_ids, model_cfg.reset_attention_mask, model_cfg.eod_mask_loss)
+    if sample_loss_mask is not None:
+        if sample_loss_mask.shape != labels.shape:
+            raise ValueError(f"a sample's loss_mask has shape {tuple(sample_loss_mask.shape)}, but its labels "
+                             f"{tuple(labels.shape)}: the mask covers the seq_length predicted tokens")
+        loss_mask = loss_mask * sample_loss_mask.to(loss_mask.dtype)
     batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids,
              "attention_mask": attention_mask}
     return {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in batch.items()}
@@ -65,8 +73,12 @@ class MicroBatchIterator:
             raise DataExhaustedError(
                 f"the {self.split} dataset has {len(self.dataset)} samples but sample {idx[-1]} was requested; "
                 "raise the sample count the dataset is built for or train fewer iterations")
-        texts = np.stack([np.asarray(self.dataset[i]["text"], dtype=np.int64) for i in idx])
-        return samples_to_batch(torch.from_numpy(texts), self.eod, self.model_cfg, self.device)
+        samples = [self.dataset[i] for i in idx]
+        texts = np.stack([np.asarray(s["text"], dtype=np.int64) for s in samples])
+        mask = None
+        if "loss_mask" in samples[0]:
+            mask = torch.from_numpy(np.stack([np.asarray(s["loss_mask"], dtype=np.float32) for s in samples]))
+        return samples_to_batch(torch.from_numpy(texts), self.eod, self.model_cfg, self.device, mask)
 
 
 def build_data_iterators(dataset, consumed_samples: int, micro_batch_size: int, num_microbatches: int,

@@ -22,14 +22,11 @@ import torch.distributed as dist
 
 from megatron_lite.io_utils import atomic_path, atomic_write_text
 from megatron_lite.parallel.random import get_rng_tracker
-from megatron_lite.parallel.state import ParallelState, get_parallel_state
+from megatron_lite.parallel.state import ParallelState, require_state
+from megatron_lite.errors import CheckpointError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, or of another layout."""
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -89,7 +86,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List[torch.nn.Modul
                     lr_scheduler=None, consumed_samples: int = 0, config_dict: Optional[dict] = None,
                     pstate: Optional[ParallelState] = None) -> str:
     """Every rank of DP rank 0 writes its shard; rank 0 replaces the tracker file last."""
-    ps = pstate or get_parallel_state()
+    ps = require_state(pstate)
     path = checkpoint_file(root, iteration, ps.tp_rank, ps.pp_rank, ps.pp_size)
     if ps.dp_rank == 0:
         state = {
@@ -121,9 +118,13 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List[torch.nn.Modul
 
 def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=None, lr_scheduler=None,
                     pstate: Optional[ParallelState] = None, iteration: Optional[int] = None,
-                    load_optim: bool = True, load_rng: bool = True) -> dict:
-    """Load this rank's shard. Returns {'iteration', 'consumed_train_samples', 'args'}."""
-    ps = pstate or get_parallel_state()
+                    load_optim: bool = True, load_rng: bool = True,
+                    expected_config: Optional[dict] = None) -> dict:
+    """Load this rank's shard. Returns {'iteration', 'consumed_train_samples', 'args', 'optimizer_loaded'}.
+
+    ``optimizer_loaded`` says whether optimizer state was restored (the caller rebuilds fp32 masters
+    from the weights only when it was not)."""
+    ps = require_state(pstate)
     if iteration is None:
         iteration = read_latest_iteration(root)
         if iteration is None:
@@ -151,11 +152,12 @@ def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=No
             f"PP={ps.pp_size} VP={len(model_chunks)}; run with the saved layout")
     for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
         chunk.load_state_dict(state[key])
-    if load_optim and optimizer is not None and "optimizer" in state:
+    optimizer_loaded = load_optim and optimizer is not None and "optimizer" in state
+    if optimizer_loaded:
         optimizer.load_state_dict(state["optimizer"])
     if load_optim and lr_scheduler is not None and "opt_param_scheduler" in state:
         lr_scheduler.load_state_dict(state["opt_param_scheduler"])
     if load_rng and "rng_state" in state:
         _set_rng_state(state["rng_state"])
     return {"iteration": state["iteration"], "consumed_train_samples": state.get("consumed_train_samples", 0),
-            "args": state.get("args", {})}
+            "args": state.get("args", {}), "optimizer_loaded": optimizer_loaded}

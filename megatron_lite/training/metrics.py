@@ -21,6 +21,7 @@ import time
 from typing import Dict, Optional
 
 import torch
+from megatron_lite.errors import OutputPathError
 
 
 class Timer:
@@ -50,10 +51,6 @@ class Timer:
         """Return the accumulated time and start accumulating afresh."""
         out, self.elapsed_s = self.elapsed_s, 0.0
         return out
-
-
-class OutputPathError(RuntimeError):
-    """An output file or directory (--save, --metrics-jsonl, --tensorboard-dir) that cannot be written."""
 
 
 def throughput(iter_time_s: float, global_batch_size: int, seq_length: int, flops_per_batch: float,

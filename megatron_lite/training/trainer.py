@@ -1,6 +1,15 @@
-"""The training loop: build everything from a Config, then schedule -> finalize grads -> step.
+"""The training loop for any task: providers in, schedule -> finalize grads -> step out.
 
-    summary = pretrain(parse_args(argv))
+    summary = pretrain(cfg, datasets_provider, model_provider, forward_step_func)
+
+as Megatron-LM's ``pretrain(train_valid_test_datasets_provider, model_provider, forward_step_func)``.
+The task (``megatron_lite/pretrain_gpt.py`` for GPT pretraining) supplies:
+
+- ``model_provider(cfg, pstate) -> [chunk, ...]``: this rank's model chunks;
+- ``datasets_provider(cfg, tokenizer, [n_train, n_valid, n_test]) -> (train, valid, test)``: datasets
+  whose samples are dicts with ``"text"`` (seq + 1 token ids) and optionally ``"loss_mask"``;
+- ``forward_step_func(data_iterator, model) -> (output_tensor, loss_func)``, with
+  ``loss_func(output_tensor) -> (loss, {"lm loss": loss})`` on the last stage.
 
 Order of setup (as Megatron-LM's ``pretrain``): validate the flags against WORLD_SIZE before any
 process group exists; build the groups; seed; tokenizer -> padded vocabulary; model chunks;
@@ -11,24 +20,22 @@ optimizer clips and steps, then the lr schedule advances (only when the step was
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config, pad_vocab_size, validate
-from megatron_lite.model.gpt import build_model_chunks, virtual_pipeline_size
-from megatron_lite.optim.clip import model_parallel_all_reduce, param_is_shared_duplicate
-from megatron_lite.parallel.layers import param_is_tp_duplicate
+from megatron_lite.distributed.finalize_grads import finalize_model_grads
+from megatron_lite.optim.clip import model_parallel_all_reduce
 from megatron_lite.optim.lr_schedule import build_lr_scheduler
 from megatron_lite.optim.optimizer import build_optimizer
+from megatron_lite.parallel.params import param_is_duplicate
 from megatron_lite.training.batch import build_data_iterators
-from megatron_lite.training.finalize_grads import finalize_model_grads
 from megatron_lite.training.metrics import (MetricsWriter, OutputPathError, Timer, format_eval_line,
                                             format_train_line, memory_stats, perplexity, throughput)
 
@@ -57,14 +64,15 @@ def _print_logging_rank(pstate, *args):
 
 
 # ---- setup ------------------------------------------------------------------------------------
-def build_tokenizer_for(cfg: Config):
-    """The run's tokenizer; --mock-data with --vocab-size and no tokenizer files needs none (ids < N)."""
-    from megatron_lite.data.tokenizer import NullTokenizer, build_tokenizer_from_config
+ModelProvider = Callable[[Config, object], List[torch.nn.Module]]
+DatasetsProvider = Callable[[Config, object, Sequence[int]], tuple]
 
-    d = cfg.data
-    if d.mock_data and cfg.model.vocab_size and d.tokenizer_type == "GPT2BPETokenizer" and not d.vocab_file:
-        return NullTokenizer(cfg.model.vocab_size)
-    return build_tokenizer_from_config(d, vocab_size=cfg.model.vocab_size)
+
+def build_tokenizer_for(cfg: Config):
+    """The run's tokenizer (--mock-data with --vocab-size and no tokenizer files needs none)."""
+    from megatron_lite.data.tokenizer import build_tokenizer_from_config
+
+    return build_tokenizer_from_config(cfg.data, vocab_size=cfg.model.vocab_size)
 
 
 def dataset_sample_counts(cfg: Config) -> List[int]:
@@ -76,24 +84,14 @@ def dataset_sample_counts(cfg: Config) -> List[int]:
 
 def count_model_parameters(model_chunks, pstate) -> int:
     """Parameters of the whole model (duplicates over TP and the tied embedding counted once)."""
-    local = sum(p.numel() for c in model_chunks for p in c.parameters()
-                if not param_is_tp_duplicate(p, pstate) and not param_is_shared_duplicate(p, pstate))
+    local = sum(p.numel() for c in model_chunks for p in c.parameters() if not param_is_duplicate(p, pstate))
     total = torch.tensor([local], dtype=torch.float64, device=pstate.device)
     return int(model_parallel_all_reduce(total, pstate).item())
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Mean of the per-token losses over the tokens the mask keeps (Megatron's GPT loss)."""
-    losses = output_tensor.float().reshape(-1)
-    mask = loss_mask.reshape(-1).float()
-    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1.0)
-    return loss, {"lm loss": loss.detach()}
-
-
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-    return output, functools.partial(loss_func, batch["loss_mask"])
+def reported_loss(loss_dict: dict) -> torch.Tensor:
+    """The loss a task's loss_func reports: its "lm loss" entry, else its first."""
+    return loss_dict["lm loss"] if "lm loss" in loss_dict else next(iter(loss_dict.values()))
 
 
 def _new_log_window() -> dict:
@@ -104,19 +102,20 @@ def _new_log_window() -> dict:
 class Trainer:
     """Holds the built pieces of one run; ``pretrain`` drives it."""
 
-    def __init__(self, cfg: Config, pstate):
-        from megatron_lite.data.gpt_dataset import build_pretraining_datasets
+    def __init__(self, cfg: Config, pstate, datasets_provider: DatasetsProvider, model_provider: ModelProvider,
+                 forward_step_func: Callable):
         from megatron_lite.model.flops import num_floating_point_operations, recomputed_layer_count
         from megatron_lite.parallel.random import model_parallel_seed
         from megatron_lite.parallel.schedules import get_forward_backward_func
 
         self.cfg, self.pstate = cfg, pstate
+        self.forward_step_func = forward_step_func
         m, t = cfg.model, cfg.train
         model_parallel_seed(t.seed, pstate)
         self.tokenizer = build_tokenizer_for(cfg)
         m.vocab_size = self.tokenizer.vocab_size
         m.padded_vocab_size = pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, pstate.tp_size)
-        self.model = [chunk.to(pstate.device) for chunk in build_model_chunks(cfg, pstate)]
+        self.model = [chunk.to(pstate.device) for chunk in model_provider(cfg, pstate)]
         self.num_params = count_model_parameters(self.model, pstate)
         _print_rank0(pstate, f"> layout TP={pstate.tp_size} PP={pstate.pp_size} DP={pstate.dp_size} "
                              f"({pstate.world_size} ranks, backend {pstate.backend}); vocab {m.vocab_size} "
@@ -125,7 +124,7 @@ class Trainer:
                                          log_num_zeros=t.log_num_zeros_in_grad)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, t.train_iters)
         self.forward_backward = get_forward_backward_func(cfg)
-        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * pstate.dp_size)
+        self.num_microbatches = t.num_microbatches(pstate.dp_size)
         # Model FLOPs (MFU, as Megatron-LM reports it) and what the hardware runs with recompute (HFU).
         self.flops_per_batch = num_floating_point_operations(m, t.global_batch_size, recomputed_layers=0)
         self.hardware_flops_per_batch = num_floating_point_operations(m, t.global_batch_size,
@@ -133,8 +132,8 @@ class Trainer:
         self.iteration, self.consumed_samples, self.consumed_valid_samples = 0, 0, 0
         if t.load:
             self._load()
-        self.train_ds, self.valid_ds, self.test_ds = build_pretraining_datasets(
-            cfg.data, m.seq_length, t.seed, dataset_sample_counts(cfg), vocab_size=m.vocab_size)
+        self.train_ds, self.valid_ds, self.test_ds = datasets_provider(cfg, self.tokenizer,
+                                                                       dataset_sample_counts(cfg))
         self.writer = MetricsWriter(t.metrics_jsonl, t.tensorboard_dir) if pstate.is_logging_rank else None
         if t.peak_tflops:
             _print_logging_rank(pstate, f"> MFU against --peak-tflops {t.peak_tflops:g} TFLOP/s per device")
@@ -147,9 +146,17 @@ class Trainer:
         if read_latest_iteration(t.load) is None:
             _print_rank0(self.pstate, f"> --load {t.load}: no checkpoint there; training from scratch")
             return
+        load_optim = not (t.no_load_optim or t.finetune)
         info = load_checkpoint(t.load, self.model, self.optimizer, self.lr_scheduler, self.pstate,
-                               load_optim=not t.no_load_optim, load_rng=not t.no_load_rng)
-        self.optimizer.reload_model_params()
+                               load_optim=load_optim, load_rng=not (t.no_load_rng or t.finetune),
+                               expected_config=self.cfg.to_dict())
+        if not info["optimizer_loaded"]:
+            # Only then are the model's weights the best copy: loaded fp32 masters are exact, and
+            # rebuilding them from half-precision weights would round them (as Megatron-LM).
+            self.optimizer.reload_model_params()
+        if t.finetune:
+            _print_rank0(self.pstate, f"> --finetune: loaded the weights of {t.load}; starting at iteration 0")
+            return
         self.iteration, self.consumed_samples = info["iteration"], info["consumed_train_samples"]
         _print_rank0(self.pstate, f"> loaded checkpoint from {t.load} at iteration {self.iteration}")
 
@@ -172,7 +179,7 @@ class Trainer:
         it = build_data_iterators(dataset, consumed, t.micro_batch_size, self.num_microbatches, self.pstate,
                                   self.tokenizer.eod, m, num_chunks=len(self.model), split=split)
         return self.forward_backward(
-            forward_step_func=forward_step, data_iterator=it, model=self.model,
+            forward_step_func=self.forward_step_func, data_iterator=it, model=self.model,
             num_microbatches=self.num_microbatches, seq_length=m.seq_length, micro_batch_size=t.micro_batch_size,
             hidden_size=m.hidden_size, pstate=self.pstate, forward_only=forward_only,
             grad_scale=None if forward_only else self.optimizer.get_loss_scale(), dtype=m.params_dtype,
@@ -180,9 +187,9 @@ class Trainer:
 
     def _reduce_loss(self, loss_dicts: List[dict]) -> Optional[float]:
         """Mean over micro-batches, then over DP replicas; None off the last pipeline stage."""
-        if not self.pstate.is_pipeline_last_stage(ignore_virtual=True):
+        if not self.pstate.is_pipeline_last_stage():
             return None
-        value = torch.stack([d["lm loss"].float() for d in loss_dicts]).mean().reshape(1)
+        value = torch.stack([reported_loss(d).float() for d in loss_dicts]).mean().reshape(1)
         if self.pstate.dp_size > 1:
             dist.all_reduce(value, group=self.pstate.dp_group)
             value /= self.pstate.dp_size
@@ -318,7 +325,8 @@ class Trainer:
             self.writer.close()
 
 
-def pretrain(cfg: Config, world_size: Optional[int] = None) -> TrainSummary:
+def pretrain(cfg: Config, datasets_provider: DatasetsProvider, model_provider: ModelProvider,
+             forward_step_func: Callable, world_size: Optional[int] = None) -> TrainSummary:
     """Validate, build the layout and the run, train; returns the summary. Leaves the process group up
     (the caller may run another layout in the same processes; the entry point tears it down)."""
     from megatron_lite.parallel.state import initialize_parallel
@@ -327,9 +335,9 @@ def pretrain(cfg: Config, world_size: Optional[int] = None) -> TrainSummary:
     validate(cfg, world_size)  # before any process group: a bad flag fails fast on every rank
     par = cfg.parallel
     pstate = initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                                 backend=par.distributed_backend, virtual_pipeline=virtual_pipeline_size(cfg),
+                                 backend=par.distributed_backend, virtual_pipeline=cfg.virtual_pipeline_size(),
                                  timeout_minutes=par.distributed_timeout_minutes)
-    trainer = Trainer(cfg, pstate)
+    trainer = Trainer(cfg, pstate, datasets_provider, model_provider, forward_step_func)
     try:
         return trainer.train()
     finally:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from megatron_lite.optim.clip import param_grad
+from megatron_lite.parallel.params import is_sequence_parallel, is_shared_embedding, param_grad
 
 
 def all_reduce_coalesced(grads: List[torch.Tensor], group, divide_by: int = 1) -> None:
@@ -49,14 +49,14 @@ def allreduce_data_parallel_grads(model_chunks, pstate) -> None:
 
 def allreduce_sequence_parallel_grads(model_chunks, pstate) -> None:
     if pstate.tp_size > 1:
-        grads = [param_grad(p) for p in _params(model_chunks) if getattr(p, "sequence_parallel", False)]
+        grads = [param_grad(p) for p in _params(model_chunks) if is_sequence_parallel(p)]
         if grads:
             all_reduce_coalesced(grads, pstate.tp_group)
 
 
 def allreduce_embedding_grads(model_chunks, pstate) -> None:
     if pstate.pp_size > 1 and pstate.embedding_group is not None and pstate.rank in pstate.embedding_ranks:
-        grads = [param_grad(p) for p in _params(model_chunks) if getattr(p, "shared_embedding", False)]
+        grads = [param_grad(p) for p in _params(model_chunks) if is_shared_embedding(p)]
         if grads:
             all_reduce_coalesced(grads, pstate.embedding_group)
 
