@@ -52,6 +52,41 @@ def read_latest_iteration(root: str) -> Optional[int]:
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
 
 
+def read_shard(path: str) -> dict:
+    """One shard's state, or a CheckpointError saying what is wrong with the file. torch.load's own
+    advice (retry with weights_only=False) never reaches the user: it is wrong for a corrupt file
+    and unsafe for a malicious one."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint shard")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: the file is empty (an interrupted copy?); use another checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure means the same thing to the user
+        raise CheckpointError(f"{path}: not a readable megatron_lite checkpoint (corrupt, truncated, or "
+                              "written by another program); use another checkpoint") from None
+    if not isinstance(state, dict) or "iteration" not in state:
+        raise CheckpointError(f"{path}: not a megatron_lite checkpoint (no iteration/model entries)")
+    return state
+
+
+def read_checkpoint_args(root: str, iteration: Optional[int] = None) -> dict:
+    """The run config (plain data) saved in ``root``'s checkpoint: every shard carries the same."""
+    if iteration is None:
+        iteration = read_latest_iteration(root)
+        if iteration is None:
+            raise CheckpointError(f"--load {root}: no {TRACKER_FILE} found; is this a checkpoint directory?")
+    iter_dir = checkpoint_dir(root, iteration)
+    shards = sorted(d for d in (os.listdir(iter_dir) if os.path.isdir(iter_dir) else [])
+                    if d.startswith("mp_rank_"))
+    if not shards:
+        raise CheckpointError(f"--load {root}: {iter_dir} holds no mp_rank_* shard; the checkpoint is incomplete")
+    args = read_shard(os.path.join(iter_dir, shards[0], "model_optim_rng.pt")).get("args")
+    if not isinstance(args, dict) or "model" not in args:
+        raise CheckpointError(f"--load {root}: the checkpoint does not record the config it was trained with")
+    return args
+
+
 def _model_keys(num_chunks: int) -> List[str]:
     """Megatron's keys: 'model' for one chunk, 'model0', 'model1', ... with virtual pipeline stages."""
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
@@ -137,10 +172,7 @@ def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=No
             f"--load {root}: iteration {iteration} has no shard {os.path.relpath(path, root)} "
             f"(found {present or 'nothing'}); the checkpoint was probably saved with another "
             f"--tensor-model-parallel-size / --pipeline-model-parallel-size")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
+    state = read_shard(path)
     layout = state.get("layout", {})
     want = {"tensor_model_parallel_size": ps.tp_size, "pipeline_model_parallel_size": ps.pp_size,
             "virtual_pipeline_model_parallel_size": len(model_chunks)}
