@@ -129,6 +129,25 @@ def build_sample_indices(sequence_lengths: np.ndarray, document_ids: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # On-disk cache shared by every rank
 # ---------------------------------------------------------------------------------------------
+def check_cached_indices(arrays: Dict[str, np.ndarray]) -> Optional[Tuple[str, str]]:
+    """(name, problem) when cached index arrays cannot be the ones build_sample_indices makes.
+
+    A few O(1) checks of shapes and dtypes (the values are not read), so a foreign or damaged
+    file of the right name is rebuilt instead of serving wrong samples or failing mid-run."""
+    doc_idx, sample_idx, shuffle_idx = (arrays[n] for n in _INDEX_NAMES)
+    if doc_idx.ndim != 1 or doc_idx.dtype != np.int32 or len(doc_idx) == 0:
+        return "doc_idx", f"has shape {doc_idx.shape} and dtype {doc_idx.dtype}, not a non-empty int32 vector"
+    if (sample_idx.ndim != 2 or sample_idx.shape[1] != 2 or sample_idx.shape[0] < 2
+            or sample_idx.dtype not in (np.int32, np.int64)):
+        return "sample_idx", (f"has shape {sample_idx.shape} and dtype {sample_idx.dtype}, not "
+                              "(samples + 1, 2) of int32/int64")
+    if (shuffle_idx.ndim != 1 or shuffle_idx.dtype not in (np.uint32, np.int64)
+            or len(shuffle_idx) != sample_idx.shape[0] - 1):
+        return "shuffle_idx", (f"has shape {shuffle_idx.shape} and dtype {shuffle_idx.dtype}, not "
+                               f"({sample_idx.shape[0] - 1},) of uint32/int64")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +194,8 @@ class GPTDataset:
         arrays = load_or_build_cached(
             cache_dir, f"GPTDataset-{name}", self.description, _INDEX_NAMES,
             lambda: build_sample_indices(indexed_dataset.sequence_lengths, document_ids,
-                                         seq_length, num_samples, seed))
+                                         seq_length, num_samples, seed),
+            validate=check_cached_indices)
         self.doc_idx, self.sample_idx, self.shuffle_idx = (arrays[n] for n in _INDEX_NAMES)
 
     def __len__(self) -> int:
