@@ -18,6 +18,7 @@ from megatron_lite.config import ModelConfig, parse_args  # noqa: E402
 from megatron_lite.kernels import fused_softmax as fs  # noqa: E402
 from megatron_lite.kernels.fused_softmax import FusedScaleMaskSoftmax, kernel_fits  # noqa: E402
 from megatron_lite.model import GPTModel, get_ltor_masks_and_position_ids, resolve_attention_backend  # noqa: E402
+from megatron_lite.parallel.state import ParallelState  # noqa: E402
 
 B, S, V, EOD = 2, 16, 128, 0
 
@@ -94,12 +95,12 @@ def test_backends_same_loss_and_grads(with_documents, kernel_on_any_device):
     ids, labels, pos, mask = batch(with_documents)
     results = {}
     for backend in ("unfused", "fused_softmax", "sdpa"):
-        model = GPTModel(tiny(attention_backend=backend))
+        model = GPTModel(tiny(attention_backend=backend), ParallelState())
         assert model.attention_backend == backend
         results[backend] = loss_and_grads(model, ids, labels, pos, mask)
     assert not calls  # without the override nothing on CPU reaches the kernel
 
-    model = GPTModel(tiny(attention_backend="fused_softmax"))
+    model = GPTModel(tiny(attention_backend="fused_softmax"), ParallelState())
     enable(model)
     results["fused_softmax (Triton kernel)"] = loss_and_grads(model, ids, labels, pos, mask)
     assert len(calls) == 2 and all(shape == (B, 4, S, S) for shape in calls)  # one per layer
@@ -119,7 +120,7 @@ def test_no_masked_softmax_fusion_maps_to_torch_path(kernel_on_any_device):
              "--vocab-size", str(V), "--hidden-dropout", "0", "--attention-dropout", "0"]
     cfg = parse_args(flags + ["--attention-backend", "fused_softmax", "--no-masked-softmax-fusion"]).model
     assert cfg.masked_softmax_fusion is False
-    model = GPTModel(cfg)
+    model = GPTModel(cfg, ParallelState())
     enable(model)  # even where the kernel could run, the flag keeps every layer on torch
     mods = softmax_modules(model)
     assert len(mods) == 2 and all(not m.masked_softmax_fusion and not m.kernel_available for m in mods)
@@ -127,7 +128,7 @@ def test_no_masked_softmax_fusion_maps_to_torch_path(kernel_on_any_device):
     loss, _ = loss_and_grads(model, ids, labels, pos, mask)
     assert not calls
     # The unfused backend is the same torch code: bitwise-equal losses.
-    unfused = GPTModel(parse_args(flags + ["--attention-backend", "unfused"]).model)
+    unfused = GPTModel(parse_args(flags + ["--attention-backend", "unfused"]).model, ParallelState())
     enable(unfused)
     assert all(not m.masked_softmax_fusion for m in softmax_modules(unfused))
     assert torch.equal(loss, loss_and_grads(unfused, ids, labels, pos, mask)[0])
@@ -137,7 +138,7 @@ def test_no_masked_softmax_fusion_maps_to_torch_path(kernel_on_any_device):
 def test_auto_resolves_to_an_available_backend():
     assert resolve_attention_backend(tiny(attention_backend="auto")) in (
         "sdpa", "fused_softmax", "unfused")
-    model = GPTModel(tiny(attention_backend="auto"))
+    model = GPTModel(tiny(attention_backend="auto"), ParallelState())
     assert model.attention_backend == resolve_attention_backend(tiny(attention_backend="auto"))
     with pytest.raises(ValueError, match="--attention-backend"):
         resolve_attention_backend(tiny(attention_backend="flash"))

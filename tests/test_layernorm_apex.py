@@ -16,6 +16,7 @@ from megatron_lite.config import ModelConfig
 from megatron_lite.model import GPTModel
 from megatron_lite.model import transformer
 from megatron_lite.model.transformer import layer_norm, layernorm_class, make_layernorm
+from megatron_lite.parallel.state import ParallelState
 
 
 class FakeFusedLayerNorm(nn.Module):
@@ -92,12 +93,12 @@ def test_model_layernorms_follow_the_selection(monkeypatch):
                       padded_vocab_size=64, hidden_dropout=0.0, attention_dropout=0.0)
     ln = layer_norm(cfg, True, "cpu")
     assert type(ln) is nn.LayerNorm and all(p.sequence_parallel for p in ln.parameters())
-    plain = GPTModel(cfg, seed=3)
+    plain = GPTModel(cfg, ParallelState(), seed=3)
     monkeypatch.setattr(transformer, "layernorm_class", lambda device: FakeFusedLayerNorm)
     ln = layer_norm(cfg, True, "cpu")
     assert type(ln) is FakeFusedLayerNorm and all(p.sequence_parallel for p in ln.parameters())
     assert not any(hasattr(p, "sequence_parallel") for p in layer_norm(cfg, False, "cpu").parameters())
-    fused = GPTModel(cfg, seed=3)
+    fused = GPTModel(cfg, ParallelState(), seed=3)
     norms = [m for m in fused.modules() if isinstance(m, (nn.LayerNorm, FakeFusedLayerNorm))]
     assert len(norms) == 2 * cfg.num_layers + 1 and all(type(m) is FakeFusedLayerNorm for m in norms)
     assert list(fused.state_dict()) == list(plain.state_dict())
