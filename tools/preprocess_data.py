@@ -7,6 +7,8 @@
 writes data/my_text_document.{bin,idx} (one pair per --json-keys key). Documents keep the input
 order for any --workers. Bad lines are reported as FILE:LINE and skipped (--strict: exit 1).
 Outputs are written under temporary names and renamed only when complete.
+A UTF-8 byte-order mark at the start of the input is dropped; a corrupt or truncated .gz stops
+the run with one error naming the file (an existing output is left as it was).
 """
 
 import argparse
@@ -19,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from multiprocessing import Pool
 
 import numpy as np
@@ -67,6 +70,8 @@ def _tokenizer_kwargs(args) -> dict:
 
 
 def _check_readable(flag: str, path: str) -> None:
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path}: is a directory; give a file path")
     if not os.path.isfile(path):
         raise InputError(f"{flag} {path}: no such file")
     if not os.access(path, os.R_OK):
@@ -199,8 +204,29 @@ def encode_batch(batch):
 
 
 # -- reading -------------------------------------------------------------------------------------
+UTF8_BOM = b"\xef\xbb\xbf"
+# What reading a damaged .gz raises: a bad header or CRC (gzip.BadGzipFile, an OSError without a
+# file name), a corrupt deflate stream (zlib.error), or a file cut short (EOFError).
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def read_error(path: str, e: BaseException, lines_read=None) -> InputError:
+    """The one-line InputError for a failure while reading `path` after `lines_read` whole lines
+    (None: not known)."""
+    where = "" if lines_read is None else f" after line {lines_read}" if lines_read else " at its start"
+    if isinstance(e, GZIP_ERRORS):
+        return InputError(f"--input {path}: could not read it: corrupt or truncated gzip data{where} "
+                          f"({str(e) or type(e).__name__}); re-download or re-compress the file")
+    reason = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+    return InputError(f"--input {path}: could not read it{where}: {reason}")
+
+
 def read_batches(path: str):
-    """Yield lists of (1-based line number, raw line bytes), about BATCH_BYTES each."""
+    """Yield lists of (1-based line number, raw line bytes), about BATCH_BYTES each.
+
+    A UTF-8 byte-order mark at the start of the file is dropped. A read error (an unreadable file,
+    a truncated or corrupt .gz) is an InputError naming the file and the last whole line read."""
+    lineno = 0
     try:
         with open(path, "rb") as f:
             compressed = f.read(2) == b"\x1f\x8b"
@@ -208,6 +234,8 @@ def read_batches(path: str):
         with opener(path, "rb") as f:
             batch, size = [], 0
             for lineno, raw in enumerate(f, start=1):
+                if lineno == 1 and raw.startswith(UTF8_BOM):
+                    raw = raw[len(UTF8_BOM):]
                 batch.append((lineno, raw))
                 size += len(raw)
                 if size >= BATCH_BYTES or len(batch) >= BATCH_LINES:
@@ -215,8 +243,21 @@ def read_batches(path: str):
                     batch, size = [], 0
             if batch:
                 yield batch
-    except (OSError, EOFError) as e:  # includes a truncated or corrupt .gz
-        raise InputError(f"--input {path}: could not read it: {e}") from None
+    except (OSError, *GZIP_ERRORS) as e:  # includes a truncated or corrupt .gz
+        raise read_error(path, e, lineno) from None  # lineno: the last whole line read
+
+
+def gzip_damage(path: str):
+    """The InputError that reading all of `path` ends in when it is a damaged .gz, else None."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return None
+    try:
+        for _ in read_batches(path):
+            pass
+    except InputError as e:
+        return e
+    return None
 
 
 def _bounded(iterable, slots: threading.Semaphore, stop: threading.Event):
@@ -235,7 +276,8 @@ def output_prefix(args, key: str) -> str:
 def run(args) -> dict:
     check_args(args)
     tokenizer = load_tokenizer(args)
-    dtype = best_dtype(tokenizer.vocab_size)
+    dtype = best_dtype(tokenizer.vocab_size, source=args.tokenizer_model or args.vocab_file or
+                       f"--vocab-size {args.vocab_size}")
     init_args = (_tokenizer_kwargs(args), list(args.json_keys), args.append_eod, np.dtype(dtype).str,
                  args.input)
     builders = {key: IndexedDatasetBuilder(data_file_path(output_prefix(args, key)), dtype)
@@ -258,7 +300,9 @@ def run(args) -> dict:
             slots.release()
             for message in bad:
                 if args.strict:
-                    raise InputError(f"{message} (--strict: stopping; no output written)")
+                    # A corrupt .gz inflates to garbage lines before its CRC check fails: name the cause.
+                    raise (gzip_damage(args.input)
+                           or InputError(f"{message} (--strict: stopping; no output written)"))
                 if stats["skipped"] < MAX_SHOWN_BAD_LINES:
                     print(f"warning: skipped {message}", file=sys.stderr)
                 elif stats["skipped"] == MAX_SHOWN_BAD_LINES:
@@ -274,6 +318,8 @@ def run(args) -> dict:
                 _log_progress(stats, time.time() - start)
         for key, builder in builders.items():
             builder.finalize(index_file_path(output_prefix(args, key)))
+    except GZIP_ERRORS as e:  # a reading error that escaped read_batches (e.g. through a worker)
+        raise read_error(args.input, e) from None
     except OSError as e:
         raise OutputPathError(f"--output-prefix {args.output_prefix}: could not write the output: {e}") from None
     finally:

@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 
 from megatron_lite.cli import run_main
 from megatron_lite.data.tokenizer import EOD_TOKEN, GPT2BPETokenizer
@@ -30,6 +31,10 @@ TEXT_CHUNK_CHARS = 1 << 16  # lines of a .txt are handed to the trainer in runs 
 PROGRESS_EVERY_S = 2.0
 MIN_VOCAB = 256 + 1  # the byte alphabet plus <|endoftext|>
 OUTPUT_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
+UTF8_BOM = b"\xef\xbb\xbf"
+# What reading a damaged .gz raises: a bad header or CRC (gzip.BadGzipFile, an OSError without a
+# file name), a corrupt deflate stream (zlib.error), or a file cut short (EOFError).
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +56,28 @@ def _open_text(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+def _lines(path: str):
+    """Yield (1-based line number, raw bytes) of `path`, without a leading UTF-8 byte-order mark.
+
+    A damaged .gz (corrupt deflate stream, bad CRC, cut short) or a failed read is an InputError
+    naming the file and the last whole line read."""
+    lineno = 0
+    try:
+        with _open_text(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                if lineno == 1 and raw.startswith(UTF8_BOM):
+                    raw = raw[len(UTF8_BOM):]
+                yield lineno, raw
+    except (OSError, *GZIP_ERRORS) as e:
+        if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.filename is not None:
+            raise  # e.g. permission denied on open: run_main names the file
+        where = f"after line {lineno}" if lineno else "at its start"
+        if isinstance(e, GZIP_ERRORS):
+            raise InputError(f"{path}: corrupt or truncated gzip data {where} ({str(e) or type(e).__name__}); "
+                             f"re-download or re-compress the file") from None
+        raise InputError(f"{path}: could not read it {where}: {e.strerror or e}") from None
+
+
 def _decode(raw: bytes, path: str, lineno: int) -> str:
     try:
         return raw.decode("utf-8")
@@ -61,43 +88,41 @@ def _decode(raw: bytes, path: str, lineno: int) -> str:
 
 def read_jsonl(path: str, keys):
     """Yield (document, n_bytes) for each requested key of each line; errors name file:line."""
-    with _open_text(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = _decode(raw, path, lineno)
-            if not line.strip():
-                continue
+    for lineno, raw in _lines(path):
+        line = _decode(raw, path, lineno)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                             f"each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        for key in keys:
+            if key not in obj:
+                raise InputError(f"{path}:{lineno}: no key {key!r} (keys: {', '.join(map(repr, obj))}); "
+                                 f"choose the keys with --json-keys")
+            if not isinstance(obj[key], str):
+                raise InputError(f"{path}:{lineno}: {key!r} holds {type(obj[key]).__name__}, not a string")
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                                 f"each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            for key in keys:
-                if key not in obj:
-                    raise InputError(f"{path}:{lineno}: no key {key!r} (keys: {', '.join(map(repr, obj))}); "
-                                     f"choose the keys with --json-keys")
-                if not isinstance(obj[key], str):
-                    raise InputError(f"{path}:{lineno}: {key!r} holds {type(obj[key]).__name__}, not a string")
-                try:
-                    obj[key].encode("utf-8")
-                except UnicodeEncodeError as e:  # valid JSON ("\ud800") but not text; the trainer would crash
-                    raise InputError(f"{path}:{lineno}: {key!r} is not valid Unicode ({e.reason} at character "
-                                     f"{e.start}); remove the lone surrogate escape from that line") from None
-                yield obj[key], len(raw), 1
+                obj[key].encode("utf-8")
+            except UnicodeEncodeError as e:  # valid JSON ("\ud800") but not text; the trainer would crash
+                raise InputError(f"{path}:{lineno}: {key!r} is not valid Unicode ({e.reason} at character "
+                                 f"{e.start}); remove the lone surrogate escape from that line") from None
+            yield obj[key], len(raw), 1
 
 
 def read_text(path: str):
     """Yield (run of whole lines, n_bytes, n_lines); a line counts as one document in the progress."""
     chunk, size, lines = [], 0, 0
-    with _open_text(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            chunk.append(_decode(raw, path, lineno))
-            size += len(raw)
-            lines += 1
-            if size >= TEXT_CHUNK_CHARS:
-                yield "".join(chunk), size, lines
-                chunk, size, lines = [], 0, 0
+    for lineno, raw in _lines(path):
+        chunk.append(_decode(raw, path, lineno))
+        size += len(raw)
+        lines += 1
+        if size >= TEXT_CHUNK_CHARS:
+            yield "".join(chunk), size, lines
+            chunk, size, lines = [], 0, 0
     if chunk:
         yield "".join(chunk), size, lines
 
@@ -119,8 +144,31 @@ class Progress:
               f"{time.time() - self.start:.1f} s elapsed", file=sys.stderr, flush=True)
 
 
+def gzip_damage(path: str):
+    """The InputError that reading all of `path` ends in when it is a damaged .gz, else None."""
+    try:
+        for _ in _lines(path):
+            pass
+    except InputError as e:
+        return e
+    return None
+
+
+def _blaming_damaged_gzip(path: str, reader):
+    # A corrupt deflate stream first inflates to garbage (bad UTF-8, bad JSON) and fails its CRC
+    # check only at the end: when a line of a .gz is bad, name the damaged file as the cause.
+    try:
+        yield from reader
+    except InputError:
+        damage = gzip_damage(path)
+        if damage is not None:
+            raise damage from None
+        raise
+
+
 def reader_for(path: str, keys):
-    return read_jsonl(path, keys) if path.endswith(JSONL_SUFFIXES) else read_text(path)
+    reader = read_jsonl(path, keys) if path.endswith(JSONL_SUFFIXES) else read_text(path)
+    return _blaming_damaged_gzip(path, reader) if path.endswith(".gz") else reader
 
 
 def documents(paths, keys, progress: Progress):
@@ -134,6 +182,8 @@ def documents(paths, keys, progress: Progress):
 
 def check_args(args):
     for path in args.input:
+        if os.path.isdir(path):
+            raise InputError(f"--input: {path} is a directory; give a file path")
         if not os.path.isfile(path):
             raise InputError(f"--input: {path} does not exist or is not a file")
         if not path.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES):
