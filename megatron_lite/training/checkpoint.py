@@ -39,17 +39,30 @@ def checkpoint_file(root: str, iteration: int, tp_rank: int, pp_rank: int, pp_si
 
 
 def read_latest_iteration(root: str) -> Optional[int]:
+    """The iteration the tracker file names; None when ``root`` (or its tracker) does not exist.
+    A ``root`` that is a plain file, or a tracker that is not an iteration number, is refused."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise CheckpointError(f"--load {root}: is a file, not a checkpoint directory; give the directory "
+                              "that --save wrote")
     path = os.path.join(root, TRACKER_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        text = f.read().strip()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: expected an iteration number, found bytes that are not UTF-8 text; "
+                              "the tracker file is damaged (write the iteration to resume from)") from None
     if text == "release":
         return 0
     try:
-        return int(text)
+        iteration = int(text)
     except ValueError:
-        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
+        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}; the tracker file "
+                              "is damaged (write the iteration to resume from)") from None
+    if iteration < 0:
+        raise CheckpointError(f"{path}: expected an iteration number >= 0, found {iteration}")
+    return iteration
 
 
 def read_shard(path: str) -> dict:
@@ -117,6 +130,79 @@ def _set_rng_state(state: dict) -> None:
     get_rng_tracker().set_states(state["tracker_states"])
 
 
+# Model fields whose change changes the weights' shapes or meaning, and the flags that set them.
+MODEL_SHAPE_FLAGS = (
+    ("num_layers", "--num-layers"),
+    ("hidden_size", "--hidden-size"),
+    ("ffn_hidden_size", "--ffn-hidden-size"),
+    ("num_attention_heads", "--num-attention-heads"),
+    ("padded_vocab_size", "--vocab-size (padded vocabulary; also --make-vocab-size-divisible-by, tokenizer)"),
+    ("position_embedding_type", "--position-embedding-type"),
+    ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights"),
+    ("max_position_embeddings", "--max-position-embeddings"),
+)
+MAX_NAMES = 3  # names listed in a one-line key/shape mismatch message
+
+
+def _config_differences(saved: dict, run: dict) -> List[str]:
+    """'--flag: checkpoint X, this run Y' for each model-shape field both configs record and differ in."""
+    saved_model, run_model = saved.get("model"), run.get("model")
+    if not isinstance(saved_model, dict) or not isinstance(run_model, dict):
+        return []
+    out = []
+    for name, flag in MODEL_SHAPE_FLAGS:
+        if name in saved_model and name in run_model and saved_model[name] != run_model[name]:
+            out.append(f"{flag}: checkpoint {saved_model[name]}, this run {run_model[name]}")
+    return out
+
+
+def _precision(model_cfg: dict) -> str:
+    return "bf16" if model_cfg.get("bf16") else "fp16" if model_cfg.get("fp16") else "fp32"
+
+
+def _names(names: List[str]) -> str:
+    shown = ", ".join(names[:MAX_NAMES])
+    return shown + (f" (+{len(names) - MAX_NAMES} more)" if len(names) > MAX_NAMES else "")
+
+
+def _check_state_dict(path: str, key: str, saved, chunk: torch.nn.Module) -> None:
+    """Refuse, in one line, a saved model state that load_state_dict would reject (or half-apply)."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: entry {key!r} is a {type(saved).__name__}, not a model state dict; "
+                              "not a megatron_lite checkpoint")
+    want = chunk.state_dict()
+    missing = [k for k in want if k not in saved]
+    unexpected = [k for k in saved if k not in want]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} weights ({_names(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unknown weights ({_names(unexpected)})")
+        raise CheckpointError(f"{path}: entry {key!r} does not match this model: {'; '.join(parts)}; "
+                              "was it saved by another program or another model?")
+    bad = []
+    for k, v in want.items():
+        s = saved[k]
+        if not isinstance(s, torch.Tensor):
+            bad.append(f"{k} (a {type(s).__name__}, not a tensor)")
+        elif isinstance(v, torch.Tensor) and tuple(s.shape) != tuple(v.shape):
+            bad.append(f"{k} (checkpoint {list(s.shape)}, this run {list(v.shape)})")
+    if bad:
+        raise CheckpointError(f"{path}: entry {key!r} has {len(bad)} weights of another shape: {_names(bad)}; "
+                              "the checkpoint was saved with another model size")
+
+
+def _restore(path: str, what: str, fn, value) -> None:
+    """``fn(value)``; a saved state of the wrong structure becomes one line naming the file."""
+    try:
+        fn(value)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot restore the {what} ({reason[:200]}); the checkpoint is damaged "
+                              f"or from another program") from None
+
+
 def save_checkpoint(root: str, iteration: int, model_chunks: List[torch.nn.Module], optimizer=None,
                     lr_scheduler=None, consumed_samples: int = 0, config_dict: Optional[dict] = None,
                     pstate: Optional[ParallelState] = None) -> str:
@@ -155,10 +241,14 @@ def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=No
                     pstate: Optional[ParallelState] = None, iteration: Optional[int] = None,
                     load_optim: bool = True, load_rng: bool = True,
                     expected_config: Optional[dict] = None) -> dict:
-    """Load this rank's shard. Returns {'iteration', 'consumed_train_samples', 'args', 'optimizer_loaded'}.
+    """Load this rank's shard. Returns {'iteration', 'consumed_train_samples', 'args', 'optimizer_loaded',
+    'messages'}.
 
     ``optimizer_loaded`` says whether optimizer state was restored (the caller rebuilds fp32 masters
-    from the weights only when it was not)."""
+    from the weights only when it was not). With ``expected_config`` (the run's ``Config.to_dict()``),
+    a checkpoint of another model shape is refused before anything is loaded, naming the flags that
+    differ; one of another precision (fp32 / fp16 / bf16) loads its weights but not its optimizer
+    state, and ``messages`` says so. Every check runs before the first state is applied."""
     ps = require_state(pstate)
     if iteration is None:
         iteration = read_latest_iteration(root)
@@ -168,6 +258,13 @@ def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=No
     if not os.path.isfile(path):
         iter_dir = checkpoint_dir(root, iteration)
         present = sorted(os.listdir(iter_dir)) if os.path.isdir(iter_dir) else []
+        if not any(d.startswith("mp_rank_") for d in present):
+            # Nothing of any layout there: the tracker (or the copy) is at fault, not the layout.
+            what = "holds no mp_rank_* shard" if os.path.isdir(iter_dir) else "does not exist"
+            raise CheckpointError(
+                f"--load {root}: {TRACKER_FILE} names iteration {iteration}, but "
+                f"{os.path.relpath(iter_dir, root)} {what}; the tracker file is wrong or the checkpoint "
+                "is incomplete")
         raise CheckpointError(
             f"--load {root}: iteration {iteration} has no shard {os.path.relpath(path, root)} "
             f"(found {present or 'nothing'}); the checkpoint was probably saved with another "
@@ -182,14 +279,38 @@ def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=No
             f"PP={layout.get('pipeline_model_parallel_size')} "
             f"VP={layout.get('virtual_pipeline_model_parallel_size')}, this run has TP={ps.tp_size} "
             f"PP={ps.pp_size} VP={len(model_chunks)}; run with the saved layout")
-    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+    saved_args = state.get("args", {})
+    saved_args = saved_args if isinstance(saved_args, dict) else {}
+    messages: List[str] = []
+    precision_changed = False
+    if expected_config:
+        diffs = _config_differences(saved_args, expected_config)
+        if diffs:
+            raise CheckpointError(f"{path}: saved with another model shape: {'; '.join(diffs)}; "
+                                  "run with the checkpoint's model flags")
+        saved_model, run_model = saved_args.get("model"), expected_config.get("model")
+        if isinstance(saved_model, dict) and isinstance(run_model, dict) \
+                and _precision(saved_model) != _precision(run_model):
+            precision_changed = True
+            if load_optim and optimizer is not None and "optimizer" in state:
+                messages.append(f"> {path}: saved in {_precision(saved_model)}, this run is "
+                                f"{_precision(run_model)}: loaded the weights, not the optimizer state; "
+                                "the fp32 master weights are rebuilt from the weights and Adam's moments "
+                                "start afresh")
+    keys = _model_keys(len(model_chunks))
+    for key, chunk in zip(keys, model_chunks):
+        if key not in state:
+            raise CheckpointError(f"{path}: no {key!r} entry (has {_names(sorted(map(str, state)))}); "
+                                  "not a megatron_lite checkpoint of this model")
+        _check_state_dict(path, key, state[key], chunk)
+    for key, chunk in zip(keys, model_chunks):
         chunk.load_state_dict(state[key])
-    optimizer_loaded = load_optim and optimizer is not None and "optimizer" in state
+    optimizer_loaded = load_optim and optimizer is not None and "optimizer" in state and not precision_changed
     if optimizer_loaded:
-        optimizer.load_state_dict(state["optimizer"])
+        _restore(path, "optimizer state", optimizer.load_state_dict, state["optimizer"])
     if load_optim and lr_scheduler is not None and "opt_param_scheduler" in state:
-        lr_scheduler.load_state_dict(state["opt_param_scheduler"])
+        _restore(path, "learning-rate schedule", lr_scheduler.load_state_dict, state["opt_param_scheduler"])
     if load_rng and "rng_state" in state:
-        _set_rng_state(state["rng_state"])
+        _restore(path, "random-number generator state", _set_rng_state, state["rng_state"])
     return {"iteration": state["iteration"], "consumed_train_samples": state.get("consumed_train_samples", 0),
-            "args": state.get("args", {}), "optimizer_loaded": optimizer_loaded}
+            "args": saved_args, "optimizer_loaded": optimizer_loaded, "messages": messages}

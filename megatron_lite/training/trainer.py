@@ -150,6 +150,8 @@ class Trainer:
         info = load_checkpoint(t.load, self.model, self.optimizer, self.lr_scheduler, self.pstate,
                                load_optim=load_optim, load_rng=not (t.no_load_rng or t.finetune),
                                expected_config=self.cfg.to_dict())
+        for message in info.get("messages", []):
+            _print_rank0(self.pstate, message)
         if not info["optimizer_loaded"]:
             # Only then are the model's weights the best copy: loaded fp32 masters are exact, and
             # rebuilding them from half-precision weights would round them (as Megatron-LM).
