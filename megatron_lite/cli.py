@@ -4,9 +4,9 @@
 - a ``UserError`` (``megatron_lite.errors``) or an ``OSError`` about a named file: one line; exit
   ``usage_status`` (2 for the trainer, as argparse; 1 for the data tools, as before);
 - Ctrl-C: the tool's interrupted message; exit 130;
-- with several ranks (``WORLD_SIZE`` > 1): an error found before the process groups exist (a bad
-  flag; every rank runs the same checks) is printed once, by rank 0; one found later may be on some
-  ranks only, so each failing rank prints it behind ``[rank N]``; a rank that fails only because
+- with several ranks (``WORLD_SIZE`` > 1): a ``ConfigError`` found before the process groups exist
+  (a bad flag; every rank runs the same checks) is printed once, by rank 0; any other user error
+  may be on some ranks only, so each failing rank prints it behind ``[rank N]``; a rank that fails only because
   another rank died or a collective timed out prints one "lost contact" line and exits 1;
 - anything else is a bug and keeps its traceback.
 """
@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Callable
 
-from megatron_lite.errors import UserError
+from megatron_lite.errors import ConfigError, UserError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -104,8 +104,8 @@ def report(e: BaseException, *, usage_status: int = EXIT_FAILURE,
         return EXIT_PEER_LOST
     if not is_user_error(e):
         raise e
-    if multi_rank and not _groups_exist():
-        # Found before any process group: every rank checked the same inputs, so say it once.
+    if multi_rank and isinstance(e, ConfigError) and not _groups_exist():
+        # A flag error found before any process group: every rank ran the same checks, so say it once.
         if rank == 0:
             say_error(first_line(e))
         else:

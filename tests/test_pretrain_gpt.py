@@ -251,9 +251,9 @@ def test_rank_reports_its_own_error_or_lost_contact(monkeypatch, capsys, exc, st
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
 
-    def failing_pretrain(cfg):
+    def failing_pretrain(cfg, world_size=None):
         raise exc
-    monkeypatch.setattr("megatron_lite.training.trainer.pretrain", failing_pretrain)
+    monkeypatch.setattr(pretrain_gpt, "pretrain_gpt", failing_pretrain)
     assert pretrain_gpt.main(TINY) == status
     captured = capsys.readouterr()
     assert captured.err.splitlines() == lines and captured.out == ""
@@ -268,9 +268,9 @@ def test_bugs_keep_their_traceback(monkeypatch, capsys, exc):
     monkeypatch.setenv("RANK", "0" if single else "1")
     monkeypatch.setenv("WORLD_SIZE", "1" if single else "2")
 
-    def failing_pretrain(cfg):
+    def failing_pretrain(cfg, world_size=None):
         raise exc
-    monkeypatch.setattr("megatron_lite.training.trainer.pretrain", failing_pretrain)
+    monkeypatch.setattr(pretrain_gpt, "pretrain_gpt", failing_pretrain)
     with pytest.raises(type(exc)):
         pretrain_gpt.main(TINY)
     assert capsys.readouterr().err == ""
@@ -280,7 +280,7 @@ def test_bugs_keep_their_traceback(monkeypatch, capsys, exc):
 def test_config_error_before_groups_is_printed_by_rank0_only(monkeypatch, capsys, rank):
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(pretrain_gpt, "RANK0_FIRST_DELAY_S", 0.0)
+    monkeypatch.setattr("megatron_lite.cli.RANK0_FIRST_DELAY_S", 0.0)
     assert pretrain_gpt.main(TINY + ["--hidden-size", "30"]) == 2
     expected = ["error: --hidden-size (30) must be divisible by --num-attention-heads (4)"] if rank == 0 else []
     assert capsys.readouterr().err.splitlines() == expected
