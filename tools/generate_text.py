@@ -42,7 +42,7 @@ def run(args) -> int:
     d, m = cfg.data, cfg.model
     tok = build_tokenizer(d.tokenizer_type, args.vocab_file or d.vocab_file, args.merge_file or d.merge_file,
                           d.tokenizer_model, m.vocab_size)
-    model = load_for_inference(args.load, device=args.device, vocab_size=tok.vocab_size)
+    model = load_for_inference(args.load, device=args.device, vocab_size=tok.vocab_size, cfg=cfg)
     cfg, ps = model.cfg, model.pstate
     say = print if ps.rank == 0 else (lambda *a, **k: None)
     say(f"loaded iteration {model.iteration} from {args.load} (TP={ps.tp_size} PP={ps.pp_size})")

@@ -36,13 +36,14 @@ def saved_config(load_dir: str) -> Config:
 
 
 def load_for_inference(load_dir: str, device: Optional[str] = None, vocab_size: Optional[int] = None,
-                       timeout_minutes: float = 10.0) -> InferenceModel:
-    """Build this rank's chunks at the saved layout and load their weights (no optimizer, no RNG)."""
+                       timeout_minutes: float = 10.0, cfg: Optional[Config] = None) -> InferenceModel:
+    """Build this rank's chunks at the saved layout and load their weights (no optimizer, no RNG).
+    ``cfg``: the checkpoint's ``saved_config`` when the caller has read it already (it is not reread)."""
     from megatron_lite.model.gpt import build_model_chunks
     from megatron_lite.parallel.random import model_parallel_seed
     from megatron_lite.training.checkpoint import load_checkpoint
 
-    cfg = saved_config(load_dir)
+    cfg = saved_config(load_dir) if cfg is None else cfg
     m, par = cfg.model, cfg.parallel
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -25,7 +25,7 @@ from megatron_lite.parallel.mappings import (
     scatter_to_tp,
 )
 from megatron_lite.parallel.params import mark_sequence_parallel, set_tensor_model_parallel_attributes
-from megatron_lite.parallel.state import ParallelState
+from megatron_lite.parallel.state import ParallelState, require_state
 from megatron_lite.parallel.utils import divide, vocab_range_for_rank
 
 InitMethod = Callable[[torch.Tensor], object]
@@ -78,9 +78,8 @@ class _TPModule(nn.Module):
 
 
 def _resolve(pstate: ParallelState, device) -> Tuple[ParallelState, torch.device]:
-    if pstate is None:
-        raise TypeError("parallel layers need an explicit pstate (a ParallelState)")
-    return pstate, torch.device(device) if device is not None else pstate.device
+    ps = require_state(pstate)
+    return ps, torch.device(device) if device is not None else ps.device
 
 
 # ---- layers ----------------------------------------------------------------------------------

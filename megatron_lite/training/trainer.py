@@ -68,13 +68,6 @@ ModelProvider = Callable[[Config, object], List[torch.nn.Module]]
 DatasetsProvider = Callable[[Config, object, Sequence[int]], tuple]
 
 
-def build_tokenizer_for(cfg: Config):
-    """The run's tokenizer (--mock-data with --vocab-size and no tokenizer files needs none)."""
-    from megatron_lite.data.tokenizer import build_tokenizer_from_config
-
-    return build_tokenizer_from_config(cfg.data, vocab_size=cfg.model.vocab_size)
-
-
 def dataset_sample_counts(cfg: Config) -> List[int]:
     """Megatron's sizes: train iters x gbs; (iters // eval interval + 1) x eval iters x gbs; eval iters x gbs."""
     t = cfg.train
@@ -104,6 +97,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, pstate, datasets_provider: DatasetsProvider, model_provider: ModelProvider,
                  forward_step_func: Callable):
+        from megatron_lite.data.tokenizer import build_tokenizer_from_config
         from megatron_lite.model.flops import num_floating_point_operations, recomputed_layer_count
         from megatron_lite.parallel.random import model_parallel_seed
         from megatron_lite.parallel.schedules import get_forward_backward_func
@@ -112,7 +106,8 @@ class Trainer:
         self.forward_step_func = forward_step_func
         m, t = cfg.model, cfg.train
         model_parallel_seed(t.seed, pstate)
-        self.tokenizer = build_tokenizer_for(cfg)
+        # --mock-data with --vocab-size and no tokenizer files reads none (the tokenizer module's rule).
+        self.tokenizer = build_tokenizer_from_config(cfg.data, vocab_size=m.vocab_size)
         m.vocab_size = self.tokenizer.vocab_size
         m.padded_vocab_size = pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, pstate.tp_size)
         self.model = [chunk.to(pstate.device) for chunk in model_provider(cfg, pstate)]
