@@ -54,9 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b", "interleaved"], default=None)
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None)
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
-    g.add_argument("--ddp-bucket-size", type=int, default=None)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="ZeRO-1: shard fp32 master weights and Adam moments over the data-parallel ranks")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce each gradient bucket as soon as backward fills it")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer: all-gather updated parameters during the next forward")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="elements per gradient bucket (default max(40M, 1M x DP) with --overlap-grad-reduce, "
+                        "else one bucket per dtype)")
 
     g = p.add_argument_group("optimizer and learning rate")
     g.add_argument("--optimizer", choices=["adam"], default="adam")

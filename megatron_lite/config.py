@@ -143,7 +143,8 @@ class ParallelConfig:
     distributed_timeout_minutes: float = 10.0
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
-    ddp_bucket_size: Optional[int] = None
+    overlap_param_gather: bool = False
+    ddp_bucket_size: Optional[int] = None  # elements; default max(40M, 1M x DP) with overlap, else one bucket
     data_parallel_size: Optional[int] = None  # derived: world // (TP * PP)
 
     def check(self, world_size: int, num_layers: int) -> None:
@@ -168,11 +169,18 @@ class ParallelConfig:
                               "--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage")
         if self.pipeline_schedule is None:
             self.pipeline_schedule = "1f1b"
-        for flag, on in (("--use-distributed-optimizer", self.use_distributed_optimizer),
-                         ("--overlap-grad-reduce", self.overlap_grad_reduce),
-                         ("--ddp-bucket-size", self.ddp_bucket_size is not None)):
-            need(not on, f"{flag} is not implemented yet (ZeRO-1 and bucketed, overlapped gradient reduction "
-                         "are on the roadmap); drop the flag: data parallelism all-reduces gradients after backward")
+        need(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1,
+             f"--ddp-bucket-size must be >= 1 (elements per gradient bucket), got {self.ddp_bucket_size}")
+        need(not self.overlap_param_gather or self.use_distributed_optimizer,
+             "--overlap-param-gather overlaps ZeRO-1's parameter all-gather with the next forward; "
+             "it needs --use-distributed-optimizer")
+
+    def ddp_config(self):
+        from megatron_lite.distributed.data_parallel import DDPConfig
+
+        return DDPConfig(overlap_grad_reduce=self.overlap_grad_reduce,
+                         use_distributed_optimizer=self.use_distributed_optimizer,
+                         overlap_param_gather=self.overlap_param_gather, bucket_size=self.ddp_bucket_size)
 
 
 @dataclass

@@ -1,14 +1,18 @@
 """Gradient reductions between backward and the optimizer step (Megatron's finalize_model_grads).
 
 1. data parallel: every replica computed grads on its own slice of the global batch; the
-   global-batch gradient is their mean (all-reduce, divide by DP size);
+   global-batch gradient is their mean. A chunk wrapped in ``DistributedDataParallel`` finishes
+   its bucketed reduction (all-reduce, or reduce-scatter under ZeRO-1, possibly already under way
+   since backward); an unwrapped module gets one coalesced all-reduce;
 2. sequence parallel: parameters used on sequence shards (layer norms, row-parallel biases;
    marked ``sequence_parallel=True``) saw only this rank's tokens, so their grads are summed over TP;
 3. tied embeddings with PP > 1: the word embedding (first stage) and the output layer (last stage)
    are one weight; each copy gets the sum of both grads (``shared_embedding=True``, embedding group).
 
-Plain coalesced all-reduces for now; the data-parallel issue replaces step 1 with bucketed
-reduction overlapped with backward (and reduce-scatter for ZeRO-1).
+Steps 2 and 3 all-reduce ``main_grad`` after step 1, as Megatron-LM does. Under ZeRO-1 only the
+owned slice of each bucket is meaningful by then; a sum over TP or over the two embedding copies
+keeps that slice right because the slices line up: TP peers share one buffer layout, and the tied
+embedding has a bucket of its own on both stages.
 """
 from __future__ import annotations
 
@@ -42,9 +46,15 @@ def _params(model_chunks) -> Iterable[torch.nn.Parameter]:
                 yield p
 
 
-def allreduce_data_parallel_grads(model_chunks, pstate) -> None:
-    if pstate.dp_size > 1:
-        all_reduce_coalesced([param_grad(p) for p in _params(model_chunks)], pstate.dp_group, pstate.dp_size)
+def reduce_data_parallel_grads(model_chunks, pstate) -> None:
+    unwrapped = []
+    for chunk in model_chunks:
+        if hasattr(chunk, "finish_grad_sync"):
+            chunk.finish_grad_sync()
+        else:
+            unwrapped.append(chunk)
+    if pstate.dp_size > 1 and unwrapped:
+        all_reduce_coalesced([param_grad(p) for p in _params(unwrapped)], pstate.dp_group, pstate.dp_size)
 
 
 def allreduce_sequence_parallel_grads(model_chunks, pstate) -> None:
@@ -63,6 +73,6 @@ def allreduce_embedding_grads(model_chunks, pstate) -> None:
 
 def finalize_model_grads(model_chunks, pstate) -> None:
     """All reductions that make every rank's grads those of the full global batch."""
-    allreduce_data_parallel_grads(model_chunks, pstate)
+    reduce_data_parallel_grads(model_chunks, pstate)
     allreduce_sequence_parallel_grads(model_chunks, pstate)
     allreduce_embedding_grads(model_chunks, pstate)

@@ -8,7 +8,9 @@ global norm is sqrt of the sum of squares over all of them, each parameter count
   same gradient on every TP rank, so only TP rank 0 counts it;
 - the tied word embedding lives on the first and the last pipeline stage (``shared_embedding``);
   after the embedding all-reduce both copies hold the same gradient, so only the first counts it.
-Data-parallel replicas hold identical (already averaged) gradients, so no DP reduction is needed.
+Data-parallel replicas hold identical (already averaged) gradients, so no DP reduction is needed,
+except under ZeRO-1: there each DP rank holds the gradient of its own slice only, and the sums
+run over every rank (``across_dp=True``).
 """
 from __future__ import annotations
 
@@ -40,18 +42,28 @@ def model_parallel_all_reduce(value: torch.Tensor, pstate, op=dist.ReduceOp.SUM)
     return value
 
 
-def get_grad_norm(grads_for_norm_: List[torch.Tensor], pstate, norm_type: float = 2.0) -> float:
+def grad_stats_all_reduce(value: torch.Tensor, pstate, op=dist.ReduceOp.SUM, across_dp: bool = False):
+    """Reduce a gradient statistic over the ranks that together hold every gradient once: this
+    replica's TP x PP ranks, or (ZeRO-1, ``across_dp``) all ranks."""
+    if across_dp and pstate.world_size > 1 and dist.is_initialized():
+        dist.all_reduce(value, op=op)
+        return value
+    return model_parallel_all_reduce(value, pstate, op=op)
+
+
+def get_grad_norm(grads_for_norm_: List[torch.Tensor], pstate, norm_type: float = 2.0,
+                  across_dp: bool = False) -> float:
     """L2 (or inf) norm of the gradients of the whole model, identical on every rank of the replica."""
     device = grads_for_norm_[0].device if grads_for_norm_ else pstate.device
     if norm_type == float("inf"):
         local = max((g.detach().abs().max().float() for g in grads_for_norm_),
                     default=torch.zeros((), device=device))
         total = torch.as_tensor(local, dtype=torch.float32, device=device).reshape(1)
-        return float(model_parallel_all_reduce(total, pstate, op=dist.ReduceOp.MAX).item())
+        return float(grad_stats_all_reduce(total, pstate, dist.ReduceOp.MAX, across_dp).item())
     total = torch.zeros(1, dtype=torch.float32, device=device)
     for g in grads_for_norm_:
         total += torch.linalg.vector_norm(g.detach().float(), norm_type) ** norm_type
-    total = model_parallel_all_reduce(total, pstate)
+    total = grad_stats_all_reduce(total, pstate, across_dp=across_dp)
     return float(total.item() ** (1.0 / norm_type))
 
 
@@ -66,16 +78,16 @@ def clip_grads_by_total_norm(params: Iterable[torch.nn.Parameter], max_norm: flo
 
 
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, pstate,
-                   norm_type: float = 2.0) -> float:
+                   norm_type: float = 2.0, across_dp: bool = False) -> float:
     """Global norm over the model-parallel ranks; clip when ``max_norm > 0``. Returns the norm before clipping."""
     params = list(params)
-    total_norm = get_grad_norm(grads_for_norm(params, pstate), pstate, norm_type)
+    total_norm = get_grad_norm(grads_for_norm(params, pstate), pstate, norm_type, across_dp)
     if max_norm > 0:
         clip_grads_by_total_norm(params, max_norm, total_norm)
     return total_norm
 
 
-def count_zeros(params: Iterable[torch.nn.Parameter], pstate) -> int:
+def count_zeros(params: Iterable[torch.nn.Parameter], pstate, across_dp: bool = False) -> int:
     """Number of exactly-zero gradient entries in the model, duplicates counted once."""
     params = list(params)
     grads = grads_for_norm(params, pstate)
@@ -83,4 +95,4 @@ def count_zeros(params: Iterable[torch.nn.Parameter], pstate) -> int:
     total = torch.zeros(1, dtype=torch.float32, device=device)
     for g in grads:
         total += float(g.numel()) - torch.count_nonzero(g).float()
-    return int(model_parallel_all_reduce(total, pstate).item())
+    return int(grad_stats_all_reduce(total, pstate, across_dp=across_dp).item())

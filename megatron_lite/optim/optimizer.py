@@ -8,7 +8,8 @@
 ``step`` does what Megatron-LM's ``MegatronOptimizer.step`` does: (mixed precision: copy the
 model's half-precision grads to fp32 master grads, unscale, skip the step on inf/nan), clip by
 the global norm over the model-parallel ranks, AdamW update, (copy masters back to the model).
-The roadmap's ZeRO-1 optimizer implements the same methods.
+ZeRO-1 (``megatron_lite.distributed.distrib_optimizer.DistributedOptimizer``) implements the same methods on this rank's
+slice of every gradient bucket.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_lite.optim.clip import clip_grad_norm, count_zeros, model_parallel_all_reduce
+from megatron_lite.optim.clip import clip_grad_norm, count_zeros, grad_stats_all_reduce
 from megatron_lite.parallel.params import copy_parallel_attributes, param_grad
 from megatron_lite.optim.grad_scaler import build_grad_scaler
 
@@ -41,13 +42,25 @@ def get_param_groups(model_chunks, weight_decay: float) -> List[Dict]:
 
 
 class MegatronOptimizer(ABC):
-    """The trainer's view of an optimizer, whatever the precision or sharding underneath."""
+    """The trainer's view of an optimizer, whatever the precision or sharding underneath.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, clip_grad: float, pstate, log_num_zeros: bool = False):
+    ``step`` is one template for every kind: ``_prepare_grads`` points the fp32 main parameters'
+    ``.grad`` at their gradients (views of the data-parallel buffer when the model is wrapped: no
+    copy, no allocation), then unscale and skip on inf/nan (fp16), clip, update, and
+    ``_finish_step`` puts the result back into the model.
+    """
+
+    # Under ZeRO-1 each DP rank holds a slice of the gradients: statistics are summed over all ranks.
+    across_dp = False
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clip_grad: float, pstate, log_num_zeros: bool = False,
+                 grad_scaler=None, implementation: str = "AdamW"):
         self.optimizer = optimizer
         self.clip_grad = clip_grad
         self.pstate = pstate
         self.log_num_zeros = log_num_zeros
+        self.grad_scaler = grad_scaler
+        self.implementation = implementation
 
     @property
     def param_groups(self):
@@ -58,7 +71,7 @@ class MegatronOptimizer(ABC):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def get_loss_scale(self) -> float:
-        return 1.0
+        return self.grad_scaler.scale if self.grad_scaler is not None else 1.0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.optimizer.param_groups:
@@ -67,13 +80,39 @@ class MegatronOptimizer(ABC):
 
     def clip_and_count(self) -> Tuple[float, Optional[int]]:
         params = self.main_params()
-        grad_norm = clip_grad_norm(params, self.clip_grad, self.pstate)
-        num_zeros = count_zeros(params, self.pstate) if self.log_num_zeros else None
+        grad_norm = clip_grad_norm(params, self.clip_grad, self.pstate, across_dp=self.across_dp)
+        num_zeros = count_zeros(params, self.pstate, across_dp=self.across_dp) if self.log_num_zeros else None
         return grad_norm, num_zeros
 
-    @abstractmethod
+    def _unscale_and_check_inf(self) -> bool:
+        """Divide the main grads by the loss scale; True when any rank saw inf/nan (every rank agrees)."""
+        inv_scale = 1.0 / self.grad_scaler.scale
+        found = torch.zeros(1, dtype=torch.float32, device=self.pstate.device)
+        for m in self.main_params():
+            if m.grad is not None:
+                m.grad.mul_(inv_scale)
+                found = torch.maximum(found, (~torch.isfinite(m.grad)).any().float().reshape(1))
+        grad_stats_all_reduce(found, self.pstate, dist.ReduceOp.MAX, self.across_dp)
+        return bool(found.item() > 0)
+
     def step(self) -> Tuple[bool, Optional[float], Optional[int]]:
         """Returns (update_successful, grad_norm, num_zeros_in_grad or None)."""
+        self._prepare_grads()
+        if self.grad_scaler is not None:
+            found_inf = self._unscale_and_check_inf()
+            self.grad_scaler.update(found_inf)
+            if found_inf:
+                return False, None, None
+        grad_norm, num_zeros = self.clip_and_count()
+        self.optimizer.step()
+        self._finish_step()
+        return True, grad_norm, num_zeros
+
+    @abstractmethod
+    def _prepare_grads(self) -> None: ...
+
+    def _finish_step(self) -> None:
+        pass
 
     @abstractmethod
     def state_dict(self) -> dict: ...
@@ -83,6 +122,18 @@ class MegatronOptimizer(ABC):
 
     def reload_model_params(self) -> None:
         """After loading model weights from a checkpoint: refresh any copies of them."""
+
+    def _separate_main_params(self) -> bool:
+        """Whether the main params are copies (fp32 masters) rather than the model's own tensors."""
+        return False
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state on this rank: Adam's moments, plus fp32 masters when they are copies."""
+        total = sum(t.numel() * t.element_size() for st in self.optimizer.state.values()
+                    for t in st.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
+        if self._separate_main_params():
+            total += sum(p.numel() * p.element_size() for p in self.main_params())
+        return total
 
 
 def _zero(p, set_to_none: bool) -> None:
@@ -94,13 +145,24 @@ def _zero(p, set_to_none: bool) -> None:
         p.grad.detach_().zero_()
 
 
+def _as_fp32_grad(grad: torch.Tensor) -> torch.Tensor:
+    """An fp32 buffer view is used as it is; anything else is converted (a copy)."""
+    return grad if grad.dtype == torch.float32 else grad.detach().float()
+
+
 class FP32Optimizer(MegatronOptimizer):
     """fp32 model: the torch optimizer updates the model's parameters directly."""
 
-    def step(self):
-        grad_norm, num_zeros = self.clip_and_count()
-        self.optimizer.step()
-        return True, grad_norm, num_zeros
+    def _prepare_grads(self) -> None:
+        for p in self.main_params():
+            main_grad = getattr(p, "main_grad", None)
+            if main_grad is not None:
+                p.grad = main_grad
+
+    def _finish_step(self) -> None:
+        for p in self.main_params():
+            if getattr(p, "main_grad", None) is not None:
+                p.grad = None  # else the next backward would accumulate into the buffer view twice
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict()}
@@ -112,8 +174,8 @@ class FP32Optimizer(MegatronOptimizer):
 class MixedPrecisionOptimizer(MegatronOptimizer):
     """fp16/bf16 model with fp32 master weights (Megatron's Float16OptimizerWithFloat16Params).
 
-    The torch optimizer holds fp32 masters; each step copies the model's grads into the masters'
-    ``.grad`` (unscaled by the loss scale for fp16), updates, and copies the masters back.
+    The torch optimizer holds fp32 masters; each step points the masters' ``.grad`` at the model's
+    fp32 main grads (unscaled by the loss scale for fp16), updates, and copies the masters back.
     """
 
     def __init__(self, model_groups: List[Dict], optim_cfg, pstate, grad_scaler, log_num_zeros=False):
@@ -127,17 +189,16 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
                 masters.append(m)
             self.model_params.append(list(group["params"]))
             master_groups.append({**group, "params": masters})
-        optimizer = _adamw(master_groups, optim_cfg)
-        super().__init__(optimizer, optim_cfg.clip_grad, pstate, log_num_zeros)
-        self.grad_scaler = grad_scaler
+        optimizer, name = build_adamw(master_groups, optim_cfg, pstate.device)
+        super().__init__(optimizer, optim_cfg.clip_grad, pstate, log_num_zeros, grad_scaler, name)
 
     def _model_and_main_params(self) -> Iterator[Tuple[torch.nn.Parameter, torch.nn.Parameter]]:
         """(model parameter, its fp32 master) pairs, group by group."""
         for params, group in zip(self.model_params, self.optimizer.param_groups):
             yield from zip(params, group["params"])
 
-    def get_loss_scale(self) -> float:
-        return self.grad_scaler.scale if self.grad_scaler is not None else 1.0
+    def _separate_main_params(self) -> bool:
+        return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for params in self.model_params:
@@ -145,35 +206,15 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
                 _zero(p, set_to_none)
         super().zero_grad(set_to_none)
 
-    def _copy_model_grads_to_main(self) -> None:
+    def _prepare_grads(self) -> None:
         for p, m in self._model_and_main_params():
             grad = param_grad(p)
-            m.grad = None if grad is None else grad.detach().float()
+            m.grad = None if grad is None else _as_fp32_grad(grad)
 
-    def _unscale_and_check_inf(self) -> bool:
-        """Divide the master grads by the loss scale; True when any rank of the replica saw inf/nan."""
-        inv_scale = 1.0 / self.grad_scaler.scale
-        found = torch.zeros(1, dtype=torch.float32, device=self.pstate.device)
-        for m in self.main_params():
-            if m.grad is not None:
-                m.grad.mul_(inv_scale)
-                found = torch.maximum(found, (~torch.isfinite(m.grad)).any().float().reshape(1))
-        model_parallel_all_reduce(found, self.pstate, op=dist.ReduceOp.MAX)
-        return bool(found.item() > 0)
-
-    def step(self):
-        self._copy_model_grads_to_main()
-        if self.grad_scaler is not None:
-            found_inf = self._unscale_and_check_inf()
-            self.grad_scaler.update(found_inf)
-            if found_inf:
-                return False, None, None
-        grad_norm, num_zeros = self.clip_and_count()
-        self.optimizer.step()
+    def _finish_step(self) -> None:
         with torch.no_grad():
             for p, m in self._model_and_main_params():
                 p.copy_(m)
-        return True, grad_norm, num_zeros
 
     def reload_model_params(self) -> None:
         with torch.no_grad():
@@ -198,19 +239,27 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
             self.grad_scaler.load_state_dict(state["grad_scaler"])
 
 
-def _adamw(groups, optim_cfg) -> torch.optim.AdamW:
+def build_adamw(groups, optim_cfg, device: torch.device) -> Tuple[torch.optim.Optimizer, str]:
+    """AdamW and the name of the implementation that runs, for the startup log."""
     if optim_cfg.optimizer != "adam":
         raise ValueError(f"--optimizer {optim_cfg.optimizer!r} is not supported; use adam")
+    kwargs = dict(lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps,
+                  weight_decay=optim_cfg.weight_decay)
+    if device.type == "cuda":
+        # One fused kernel over all parameters (PyTorch's, which keeps torch's state-dict layout, so
+        # checkpoints move between CPU and GPU runs).
+        return torch.optim.AdamW(groups, fused=True, **kwargs), "AdamW (torch fused, CUDA)"
     # foreach=False: the per-parameter loop is bitwise reproducible across layouts (the parity tests
-    # compare TP shards to the whole tensor), and these models are small.
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
-                             eps=optim_cfg.adam_eps, weight_decay=optim_cfg.weight_decay, foreach=False)
+    # compare TP shards and ZeRO-1 slices to the whole tensor), and CPU models are small.
+    return torch.optim.AdamW(groups, foreach=False, **kwargs), "AdamW (torch, per-parameter loop)"
 
 
 def build_optimizer(model_chunks, optim_cfg, model_cfg, pstate, log_num_zeros: bool = False) -> MegatronOptimizer:
-    """AdamW over ``model_chunks``: fp32, or fp32 masters (+ loss scaling for fp16) for --fp16/--bf16."""
+    """AdamW over ``model_chunks``: fp32, or fp32 masters (+ loss scaling for fp16) for --fp16/--bf16.
+    (ZeRO-1 is ``megatron_lite.distributed.distrib_optimizer.DistributedOptimizer``.)"""
     groups = get_param_groups(model_chunks, optim_cfg.weight_decay)
     if model_cfg.fp16 or model_cfg.bf16:
         scaler = build_grad_scaler(optim_cfg, fp16=model_cfg.fp16)
         return MixedPrecisionOptimizer(groups, optim_cfg, pstate, scaler, log_num_zeros)
-    return FP32Optimizer(_adamw(groups, optim_cfg), optim_cfg.clip_grad, pstate, log_num_zeros)
+    optimizer, name = build_adamw(groups, optim_cfg, pstate.device)
+    return FP32Optimizer(optimizer, optim_cfg.clip_grad, pstate, log_num_zeros, implementation=name)

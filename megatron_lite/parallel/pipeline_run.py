@@ -1,5 +1,5 @@
 """What every pipeline schedule needs around its loop: checked arguments, the communicator, one
-forward or backward on a chosen model chunk, and the data-parallel no-sync context.
+forward or backward on a chosen model chunk, and the data-parallel no-sync contexts.
 
 ``with PipelineRun(...) as run:`` enters the no-sync context (training only) and, if the loop
 raises, leaves it, so a failed schedule leaves no state behind for the next call. The running
@@ -47,11 +47,20 @@ class PipelineRun:
         self.stats = stats if stats is not None else ScheduleStats(enabled=False)
         self.stats.begin(self.chunks)
         self.store: list = []
-        self._sync = None if forward_only else no_sync_context(self.chunks, no_sync_func)
+        # Data-parallel no-sync, one context per chunk: each chunk's gradient reduction may start in
+        # the backward of its own last micro-batch (with interleaving, long before the last backward).
+        # A single no_sync_func covers all chunks and ends before the last backward of all.
+        if forward_only:
+            self._syncs = {}
+        elif no_sync_func is None or isinstance(no_sync_func, (list, tuple)):
+            funcs = no_sync_func or [None] * vp
+            self._syncs = {c: no_sync_context([chunk], fn) for c, (chunk, fn) in enumerate(zip(self.chunks, funcs))}
+        else:
+            self._syncs = {"all": no_sync_context(self.chunks, no_sync_func)}
 
     def __enter__(self) -> "PipelineRun":
-        if self._sync is not None:
-            self._sync.__enter__()
+        for ctx in self._syncs.values():
+            ctx.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -59,10 +68,11 @@ class PipelineRun:
             self._end_no_sync()
         return False
 
-    def _end_no_sync(self) -> None:
-        if self._sync is not None:
-            self._sync.__exit__(None, None, None)
-            self._sync = None
+    def _end_no_sync(self, key=None) -> None:
+        for k in ([key] if key is not None else list(self._syncs)):
+            ctx = self._syncs.pop(k, None)
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
 
     def forward(self, input_tensor, microbatch: int, chunk: int = 0):
         with torch.set_grad_enabled(not self.forward_only), self.stats.forward(microbatch, chunk, input_tensor):
@@ -72,8 +82,10 @@ class PipelineRun:
 
     def backward(self, input_tensor, output_tensor, output_tensor_grad, microbatch: int, chunk: int = 0,
                  last: bool = False):
+        if microbatch == self.num_microbatches - 1:
+            self._end_no_sync(chunk)  # this chunk's last backward: its buckets may reduce as they fill
         if last:
-            self._end_no_sync()  # the last backward reduces DP grads
+            self._end_no_sync("all")
         grad = backward_step(input_tensor, output_tensor, output_tensor_grad, self.grad_scale)
         self.stats.backward(microbatch, chunk)
         return grad

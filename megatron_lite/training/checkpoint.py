@@ -3,10 +3,15 @@
     <dir>/iter_{iteration:07d}/mp_rank_{tp:02d}/model_optim_rng.pt          (PP = 1)
     <dir>/iter_{iteration:07d}/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt  (PP > 1)
     <dir>/latest_checkpointed_iteration.txt
+    with --use-distributed-optimizer, beside each model file, one per DP rank:
+    <dir>/iter_{iteration:07d}/mp_rank_.../distrib_optim_{dp:03d}.pt
 
-Each file holds the model shard(s), optimizer and scheduler state, RNG states, the
+Each model file holds the model shard(s), optimizer and scheduler state, RNG states, the
 iteration and consumed-sample count, and the run's config as plain data, so it loads
-with ``torch.load(weights_only=True)``. Files are written under a temporary name and
+with ``torch.load(weights_only=True)``. Under ZeRO-1 the model file keeps the optimizer state all DP
+ranks share and each DP rank writes its own slices of the Adam moments and fp32 masters (Megatron
+gathers them into one ``distrib_optim.pt`` on DP rank 0; writing in parallel needs no gather).
+Loading re-cuts the slices for the DP size of the run that loads. Files are written under a temporary name and
 renamed; the ``latest`` file is replaced last, so a crash mid-save leaves the previous
 checkpoint as the one that loads.
 """
@@ -36,6 +41,52 @@ def checkpoint_dir(root: str, iteration: int) -> str:
 def checkpoint_file(root: str, iteration: int, tp_rank: int, pp_rank: int, pp_size: int) -> str:
     name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
     return os.path.join(checkpoint_dir(root, iteration), name, "model_optim_rng.pt")
+
+
+def distrib_optim_file(model_file: str, dp_rank: int) -> str:
+    """DP rank ``dp_rank``'s ZeRO-1 optimizer slices, beside the model file of its TP/PP rank."""
+    return os.path.join(os.path.dirname(model_file), f"distrib_optim_{dp_rank:03d}.pt")
+
+
+def _read_optimizer_slices(model_file: str, saved_dp: int) -> List[dict]:
+    out = []
+    for r in range(saved_dp):
+        path = distrib_optim_file(model_file, r)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: missing; the checkpoint was saved with --use-distributed-optimizer at "
+                                  f"data-parallel size {saved_dp} and needs all {saved_dp} optimizer files "
+                                  "(or load with --no-load-optim)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - any failure means the same thing to the user
+            raise CheckpointError(f"{path}: not a readable optimizer shard (corrupt or truncated); use another "
+                                  "checkpoint or --no-load-optim") from None
+        if not isinstance(state, dict) or not isinstance(state.get("shards"), list):
+            raise CheckpointError(f"{path}: not a megatron_lite distributed-optimizer shard")
+        out.append(state)
+    return out
+
+
+def _load_optimizer(path: str, optimizer, saved: dict) -> None:
+    """Restore the optimizer, reading the per-DP-rank slices when the checkpoint has them."""
+    saved_distributed = isinstance(saved, dict) and isinstance(saved.get("distributed"), dict)
+    run_distributed = hasattr(optimizer, "sharded_state_dict")
+    if saved_distributed != run_distributed:
+        how = "with" if saved_distributed else "without"
+        fix = "add --use-distributed-optimizer" if saved_distributed else "drop --use-distributed-optimizer"
+        raise CheckpointError(f"{path}: the optimizer state was saved {how} --use-distributed-optimizer; {fix}, "
+                              "or load the weights only with --no-load-optim")
+    if run_distributed:
+        slices = _read_optimizer_slices(path, int(saved["distributed"].get("dp_size", 0)))
+        def load(st):
+            try:
+                optimizer.load_state_dict(st, slices)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+
+        _restore(path, "optimizer state", load, saved)
+    else:
+        _restore(path, "optimizer state", optimizer.load_state_dict, saved)
 
 
 def read_latest_iteration(root: str) -> Optional[int]:
@@ -206,7 +257,8 @@ def _restore(path: str, what: str, fn, value) -> None:
 def save_checkpoint(root: str, iteration: int, model_chunks: List[torch.nn.Module], optimizer=None,
                     lr_scheduler=None, consumed_samples: int = 0, config_dict: Optional[dict] = None,
                     pstate: Optional[ParallelState] = None) -> str:
-    """Every rank of DP rank 0 writes its shard; rank 0 replaces the tracker file last."""
+    """Every rank of DP rank 0 writes its model shard (under ZeRO-1 every rank also its optimizer
+    slices); rank 0 replaces the tracker file last."""
     ps = require_state(pstate)
     path = checkpoint_file(root, iteration, ps.tp_rank, ps.pp_rank, ps.pp_size)
     if ps.dp_rank == 0:
@@ -228,6 +280,10 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List[torch.nn.Modul
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
+    if optimizer is not None and hasattr(optimizer, "sharded_state_dict"):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_path(distrib_optim_file(path, ps.dp_rank)) as tmp:
+            torch.save(optimizer.sharded_state_dict(), tmp)
     if dist.is_initialized():
         dist.barrier()
     if ps.rank == 0:
@@ -307,7 +363,7 @@ def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=No
         chunk.load_state_dict(state[key])
     optimizer_loaded = load_optim and optimizer is not None and "optimizer" in state and not precision_changed
     if optimizer_loaded:
-        _restore(path, "optimizer state", optimizer.load_state_dict, state["optimizer"])
+        _load_optimizer(path, optimizer, state["optimizer"])
     if load_optim and lr_scheduler is not None and "opt_param_scheduler" in state:
         _restore(path, "learning-rate schedule", lr_scheduler.load_state_dict, state["opt_param_scheduler"])
     if load_rng and "rng_state" in state:

@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config, pad_vocab_size, validate
+from megatron_lite.distributed.data_parallel import DistributedDataParallel, describe_buckets
 from megatron_lite.distributed.finalize_grads import finalize_model_grads
+from megatron_lite.model.memory import format_weight_memory, weight_memory
 from megatron_lite.optim.clip import model_parallel_all_reduce
 from megatron_lite.optim.lr_schedule import build_lr_scheduler
 from megatron_lite.optim.optimizer import build_optimizer
@@ -51,6 +53,7 @@ class TrainSummary:
     skipped_iters: int = 0
     valid: List[Dict[str, float]] = field(default_factory=list)  # {"iteration", "lm_loss", "ppl"}
     exit_reason: str = "train_iters"
+    optimizer_state_bytes: int = 0  # this rank's Adam moments (+ fp32 masters when they are copies)
 
 
 def _print_rank0(pstate, *args):
@@ -82,6 +85,30 @@ def count_model_parameters(model_chunks, pstate) -> int:
     return int(model_parallel_all_reduce(total, pstate).item())
 
 
+def rank_weight_memory(model_chunks, cfg: Config, pstate):
+    """This rank's weight / gradient / optimizer bytes, from its parameters and gradient buffers."""
+    params = [p for c in model_chunks for p in c.parameters() if p.requires_grad]
+    buffers = [b for c in model_chunks for b in c.grad_buffers]
+    return weight_memory(sum(p.numel() for p in params), params[0].element_size() if params else 4,
+                         sum(b.numel for b in buffers), buffers[0].grad_data.element_size() if buffers else 4,
+                         cfg.model.fp16 or cfg.model.bf16, pstate.dp_size, cfg.parallel.use_distributed_optimizer)
+
+
+def build_training_optimizer(model_chunks, cfg: Config, pstate):
+    """The run's optimizer: ZeRO-1 with --use-distributed-optimizer, else AdamW on whole tensors."""
+    if cfg.parallel.use_distributed_optimizer:
+        from megatron_lite.distributed.distrib_optimizer import DistributedOptimizer
+        from megatron_lite.optim.grad_scaler import build_grad_scaler
+        from megatron_lite.optim.optimizer import get_param_groups
+
+        m = cfg.model
+        mixed = m.fp16 or m.bf16
+        return DistributedOptimizer(model_chunks, get_param_groups(model_chunks, cfg.optim.weight_decay), cfg.optim,
+                                    pstate, build_grad_scaler(cfg.optim, fp16=m.fp16) if mixed else None, mixed,
+                                    cfg.train.log_num_zeros_in_grad, cfg.parallel.overlap_param_gather)
+    return build_optimizer(model_chunks, cfg.optim, cfg.model, pstate, log_num_zeros=cfg.train.log_num_zeros_in_grad)
+
+
 def reported_loss(loss_dict: dict) -> torch.Tensor:
     """The loss a task's loss_func reports: its "lm loss" entry, else its first."""
     return loss_dict["lm loss"] if "lm loss" in loss_dict else next(iter(loss_dict.values()))
@@ -110,13 +137,17 @@ class Trainer:
         self.tokenizer = build_tokenizer_from_config(cfg.data, vocab_size=m.vocab_size)
         m.vocab_size = self.tokenizer.vocab_size
         m.padded_vocab_size = pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, pstate.tp_size)
-        self.model = [chunk.to(pstate.device) for chunk in model_provider(cfg, pstate)]
+        ddp_config = cfg.parallel.ddp_config()
+        self.model = [DistributedDataParallel(chunk.to(pstate.device), pstate, ddp_config)
+                      for chunk in model_provider(cfg, pstate)]
         self.num_params = count_model_parameters(self.model, pstate)
         _print_rank0(pstate, f"> layout TP={pstate.tp_size} PP={pstate.pp_size} DP={pstate.dp_size} "
                              f"({pstate.world_size} ranks, backend {pstate.backend}); vocab {m.vocab_size} "
                              f"padded to {m.padded_vocab_size}; {self.num_params:,} parameters")
-        self.optimizer = build_optimizer(self.model, cfg.optim, m, pstate,
-                                         log_num_zeros=t.log_num_zeros_in_grad)
+        self.optimizer = build_training_optimizer(self.model, cfg, pstate)
+        _print_rank0(pstate, f"> optimizer: {self.optimizer.implementation}; "
+                             f"{describe_buckets(self.model, ddp_config)}")
+        _print_rank0(pstate, format_weight_memory(rank_weight_memory(self.model, cfg, pstate)))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, t.train_iters)
         self.forward_backward = get_forward_backward_func(cfg)
         self.num_microbatches = t.num_microbatches(pstate.dp_size)
@@ -195,6 +226,7 @@ class Trainer:
     def train_step(self):
         for chunk in self.model:
             chunk.train()
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]
         loss_dicts = self._run_schedule(self.train_ds, self.consumed_samples, False, "train")
@@ -315,6 +347,9 @@ class Trainer:
         if t.save and saved_at != self.iteration and self.iteration > 0:
             self.save()
         summary.iteration, summary.consumed_samples = self.iteration, self.consumed_samples
+        summary.optimizer_state_bytes = self.optimizer.state_bytes()
+        for chunk in self.model:
+            chunk.finish_param_sync()  # the caller may read the weights
         return summary
 
     def close(self) -> None:
