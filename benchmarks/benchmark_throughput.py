@@ -32,6 +32,7 @@ from megatron_lite.cli import run_main
 from megatron_lite.config import ModelConfig, OptimizerConfig, pad_vocab_size
 from megatron_lite.io_utils import write_json_atomic
 from megatron_lite.model.flops import count_parameters, num_floating_point_operations
+from megatron_lite.distributed.data_parallel import DDPConfig, DistributedDataParallel
 from megatron_lite.optim.optimizer import build_optimizer as build_megatron_optimizer
 from megatron_lite.parallel.state import ParallelState
 from megatron_lite.training.metrics import memory_stats, throughput
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for MFU; measured with a large matmul when omitted")
+    p.add_argument("--optimizer-impl", choices=["auto", "unfused"], default="auto",
+                   help="auto: torch's fused AdamW on CUDA (the trainer's choice); unfused: the per-parameter loop, "
+                        "for the fused-against-unfused comparison")
     p.add_argument("--output", default=None, help="JSON file for the results (written atomically)")
     args = p.parse_args(argv)
     if args.device is None:
@@ -124,11 +128,20 @@ def datasheet_tflops(device) -> tuple:
     return None, None
 
 
-def build_optimizer(model, cfg: ModelConfig, pstate):
-    """(optimizer step callable, zero_grad callable, description)."""
+def build_optimizer(model, cfg: ModelConfig, pstate, impl: str = "auto"):
+    """(optimizer step callable, zero_grad callable, description). ``model`` is DDP-wrapped: gradients
+    accumulate in its fp32 buffer, as in the trainer."""
     optim_cfg = OptimizerConfig(lr=1e-4, weight_decay=0.01, clip_grad=1.0)
-    opt = build_megatron_optimizer([model], optim_cfg, cfg, pstate)
-    return opt.step, opt.zero_grad, f"megatron_lite.optim {type(opt).__name__} (AdamW, clip {optim_cfg.clip_grad})"
+    opt = build_megatron_optimizer([model], optim_cfg, cfg, pstate, fused=None if impl == "auto" else False)
+
+    def zero_grad():
+        model.zero_grad_buffer()
+        opt.zero_grad()
+
+    def step():
+        model.finish_grad_sync()
+        return opt.step()
+    return step, zero_grad, f"megatron_lite.optim {type(opt).__name__}: {opt.implementation}, clip {optim_cfg.clip_grad}"
 
 
 def peak_memory_reset(device):
@@ -155,7 +168,8 @@ def run_case(name: str, seq: int, args, device, pstate) -> dict:
     try:
         model = GPTModel(cfg, pstate=pstate, seed=1234)
         row["attention_backend"] = model.attention_backend
-        opt_step, zero_grad, row["optimizer"] = build_optimizer(model, cfg, pstate)
+        model = DistributedDataParallel(model.to(device), pstate, DDPConfig())
+        opt_step, zero_grad, row["optimizer"] = build_optimizer(model, cfg, pstate, args.optimizer_impl)
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, seq + 1), generator=g).to(device)
         ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()

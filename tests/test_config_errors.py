@@ -199,8 +199,21 @@ def test_torchrun_error_printed_once(tmp_path):
     assert "exitcode  : 2" in out.stderr  # torchrun's own summary names the workers' status
 
 
-@pytest.mark.parametrize("flag", [["--use-distributed-optimizer"], ["--overlap-grad-reduce"], ["--ddp-bucket-size", "1000"]])
-def test_roadmap_flags_are_refused_not_ignored(flag):
-    cfg = parse_args(["--mock-data", "--vocab-size", "128", *flag])
-    with pytest.raises(ConfigError, match=flag[0]):
+@pytest.mark.parametrize("flags,named", [
+    (["--overlap-param-gather"], "--use-distributed-optimizer"),  # ZeRO-1's all-gather: needs ZeRO-1
+    (["--ddp-bucket-size", "0"], "--ddp-bucket-size"),
+])
+def test_data_parallel_flag_rules(flags, named):
+    cfg = parse_args(["--mock-data", "--vocab-size", "128", *flags])
+    with pytest.raises(ConfigError, match=named):
         validate(cfg, 1)
+
+
+def test_data_parallel_flags_are_accepted():
+    cfg = parse_args(["--mock-data", "--vocab-size", "128", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                      "--overlap-param-gather", "--ddp-bucket-size", "1000", "--tensor-model-parallel-size", "2"])
+    validate(cfg, 8)
+    ddp = cfg.parallel.ddp_config()
+    assert cfg.parallel.data_parallel_size == 4
+    assert (ddp.use_distributed_optimizer, ddp.overlap_grad_reduce, ddp.overlap_param_gather, ddp.bucket_size) == \
+        (True, True, True, 1000)

@@ -178,7 +178,8 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
     fp32 main grads (unscaled by the loss scale for fp16), updates, and copies the masters back.
     """
 
-    def __init__(self, model_groups: List[Dict], optim_cfg, pstate, grad_scaler, log_num_zeros=False):
+    def __init__(self, model_groups: List[Dict], optim_cfg, pstate, grad_scaler, log_num_zeros=False,
+                 fused: Optional[bool] = None):
         self.model_params: List[List[torch.nn.Parameter]] = []
         master_groups = []
         for group in model_groups:
@@ -189,7 +190,7 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
                 masters.append(m)
             self.model_params.append(list(group["params"]))
             master_groups.append({**group, "params": masters})
-        optimizer, name = build_adamw(master_groups, optim_cfg, pstate.device)
+        optimizer, name = build_adamw(master_groups, optim_cfg, pstate.device, fused)
         super().__init__(optimizer, optim_cfg.clip_grad, pstate, log_num_zeros, grad_scaler, name)
 
     def _model_and_main_params(self) -> Iterator[Tuple[torch.nn.Parameter, torch.nn.Parameter]]:
@@ -239,13 +240,15 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
             self.grad_scaler.load_state_dict(state["grad_scaler"])
 
 
-def build_adamw(groups, optim_cfg, device: torch.device) -> Tuple[torch.optim.Optimizer, str]:
-    """AdamW and the name of the implementation that runs, for the startup log."""
+def build_adamw(groups, optim_cfg, device: torch.device, fused: Optional[bool] = None
+                ) -> Tuple[torch.optim.Optimizer, str]:
+    """AdamW and the name of the implementation that runs, for the startup log. ``fused`` None: fused
+    on CUDA; False: the per-parameter loop anywhere (the benchmarks' comparison)."""
     if optim_cfg.optimizer != "adam":
         raise ValueError(f"--optimizer {optim_cfg.optimizer!r} is not supported; use adam")
     kwargs = dict(lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps,
                   weight_decay=optim_cfg.weight_decay)
-    if device.type == "cuda":
+    if device.type == "cuda" and fused is not False:
         # One fused kernel over all parameters (PyTorch's, which keeps torch's state-dict layout, so
         # checkpoints move between CPU and GPU runs).
         return torch.optim.AdamW(groups, fused=True, **kwargs), "AdamW (torch fused, CUDA)"
@@ -254,12 +257,13 @@ def build_adamw(groups, optim_cfg, device: torch.device) -> Tuple[torch.optim.Op
     return torch.optim.AdamW(groups, foreach=False, **kwargs), "AdamW (torch, per-parameter loop)"
 
 
-def build_optimizer(model_chunks, optim_cfg, model_cfg, pstate, log_num_zeros: bool = False) -> MegatronOptimizer:
+def build_optimizer(model_chunks, optim_cfg, model_cfg, pstate, log_num_zeros: bool = False,
+                    fused: Optional[bool] = None) -> MegatronOptimizer:
     """AdamW over ``model_chunks``: fp32, or fp32 masters (+ loss scaling for fp16) for --fp16/--bf16.
     (ZeRO-1 is ``megatron_lite.distributed.distrib_optimizer.DistributedOptimizer``.)"""
     groups = get_param_groups(model_chunks, optim_cfg.weight_decay)
     if model_cfg.fp16 or model_cfg.bf16:
         scaler = build_grad_scaler(optim_cfg, fp16=model_cfg.fp16)
-        return MixedPrecisionOptimizer(groups, optim_cfg, pstate, scaler, log_num_zeros)
-    optimizer, name = build_adamw(groups, optim_cfg, pstate.device)
+        return MixedPrecisionOptimizer(groups, optim_cfg, pstate, scaler, log_num_zeros, fused)
+    optimizer, name = build_adamw(groups, optim_cfg, pstate.device, fused)
     return FP32Optimizer(optimizer, optim_cfg.clip_grad, pstate, log_num_zeros, implementation=name)

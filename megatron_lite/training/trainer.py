@@ -348,6 +348,7 @@ class Trainer:
             self.save()
         summary.iteration, summary.consumed_samples = self.iteration, self.consumed_samples
         summary.optimizer_state_bytes = self.optimizer.state_bytes()
+        _print_rank0(ps, f"> optimizer state on rank 0: {summary.optimizer_state_bytes:,} bytes (measured)")
         for chunk in self.model:
             chunk.finish_param_sync()  # the caller may read the weights
         return summary
