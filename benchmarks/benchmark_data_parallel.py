@@ -69,6 +69,8 @@ def main(argv=None):
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--bucket-size", type=int, default=1_000_000, help="--ddp-bucket-size for every run")
+    p.add_argument("--dp-sizes", default="1,2,4", help="DP sizes of the optimizer-memory table")
+    p.add_argument("--precisions", default="fp32,bf16", help="precisions of the optimizer-memory table")
     p.add_argument("--output", default="benchmarks/results/data_parallel.json")
     args = p.parse_args(argv)
     return run_main(lambda: bench(args))
@@ -78,18 +80,30 @@ def bench(args) -> int:
     base = model_flags(args)
     steps, memory = [], []
     with tempfile.TemporaryDirectory() as workdir:
+        known = {}  # (precision, dp, zero1) -> measured optimizer bytes: the DP=2 step runs count too
         for name, extra in STEP_VARIANTS.items():
             r = run(2, base + extra, workdir, name)
             t = statistics.median(r["iter_times_s"][2:] or r["iter_times_s"])  # after warm-up
             steps.append({"variant": name, "dp": 2, "step_s": t, "buckets": r["buckets"]})
+            if name in ("all-reduce after backward", "--use-distributed-optimizer"):
+                known[("fp32", 2, name != "all-reduce after backward")] = r["optimizer_state_bytes_rank0"]
         mem_flags = [f if f != str(args.iters) else "2" for f in base]  # two steps are enough to measure state
-        for precision in ("fp32", "bf16"):
-            for dp in (1, 2, 4):
+        dp_sizes = [int(x) for x in args.dp_sizes.split(",")]
+        if 1 not in dp_sizes:
+            raise InputError("--dp-sizes must include 1 (the unsharded reference)")
+        for precision in args.precisions.split(","):
+            if precision not in ("fp32", "bf16", "fp16"):
+                raise InputError(f"--precisions: {precision!r} is not fp32, bf16 or fp16")
+            for dp in dp_sizes:
                 for zero in (False, True):
-                    extra = (["--bf16"] if precision == "bf16" else []) + (["--use-distributed-optimizer"] if zero else [])
-                    r = run(dp, mem_flags + extra, workdir, f"mem_{precision}_{dp}_{zero}")
+                    extra = ([] if precision == "fp32" else [f"--{precision}"]) + \
+                        (["--use-distributed-optimizer"] if zero else [])
+                    key = (precision, dp, zero)
+                    if key not in known:
+                        known[key] = run(dp, mem_flags + extra, workdir, f"mem_{precision}_{dp}_{zero}")[
+                            "optimizer_state_bytes_rank0"]
                     memory.append({"precision": precision, "dp": dp, "zero1": zero,
-                                   "optimizer_state_bytes_per_rank": r["optimizer_state_bytes_rank0"]})
+                                   "optimizer_state_bytes_per_rank": known[key]})
     print(f"GPT {args.num_layers} layers, hidden {args.hidden_size}, seq {args.seq_length}, vocab {args.vocab_size}, "
           f"micro-batch {args.micro_batch_size}, global batch {args.global_batch_size}; 2 ranks x 1 thread, gloo")
     print(f"{'DP=2 variant':46s} {'step s':>8s}  buckets")

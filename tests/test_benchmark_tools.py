@@ -59,3 +59,19 @@ def test_benchmark_preprocess(tmp_path, shared_data):
     assert "identical output: True" in r.stdout
     d = json.loads(out.read_text())
     assert {row["path"] for row in d["rows"]} == {"fast", "python"}
+
+
+def test_benchmark_data_parallel(tmp_path):
+    out = tmp_path / "dp.json"
+    proc = subprocess.run([sys.executable, "benchmarks/benchmark_data_parallel.py", "--num-layers", "2",
+                           "--hidden-size", "64", "--num-heads", "4", "--seq-length", "32", "--vocab-size", "512",
+                           "--micro-batch-size", "2", "--global-batch-size", "8", "--iters", "2",
+                           "--bucket-size", "20000", "--dp-sizes", "1,2", "--precisions", "fp32",
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report["step_time"]][1:3] == ["--overlap-grad-reduce", "--use-distributed-optimizer"]
+    assert all(r["step_s"] > 0 and "bucket(s)" in r["buckets"] for r in report["step_time"])
+    mem = {(r["dp"], r["zero1"]): r["optimizer_state_bytes_per_rank"] for r in report["optimizer_memory"]}
+    assert mem[(1, False)] == mem[(1, True)] == mem[(2, False)]
+    assert abs(mem[(2, True)] - mem[(1, False)] / 2) <= 0.05 * mem[(1, False)]
