@@ -2,7 +2,7 @@
 the single-process run.
 
 Tolerances: fp32 losses and grad norms within 1e-5 relative of one process (dropout off, same
-seed, mock tokens); bf16 / fp16 within 3e-2 relative of fp32 and of each other across layouts
+seed, mock tokens); bf16 / fp16 within 1e-2 relative of fp32 and of each other across layouts
 (half-precision rounding of activations, different reduction orders per layout). Resume under
 ZeRO-1 is bitwise; resume at another DP size gives the next losses within 1e-6 relative.
 The full {1, 2}^3 x {plain, overlap, ZeRO-1, ZeRO-1 + overlap} sweep runs through
@@ -107,12 +107,12 @@ def test_half_precision_agrees_with_fp32_and_across_layouts(single):
                          "fp16_dp4_zero": fp16 + ZERO,
                          "fp16_pp2_dp2_zero": fp16 + pp(2) + ZERO + OVERLAP}, 280)
     for precision in ("bf16", "fp16"):
-        _close(single[precision], single["fp32"], 3e-2)
+        _close(single[precision], single["fp32"], 1e-2)
         for name, got in curves.items():
             if name.startswith(precision):
                 assert got["skipped"] == 0, name
-                _close(got, single[precision], 3e-2)
-                _close(got, single["fp32"], 3e-2)
+                _close(got, single[precision], 1e-2)
+                _close(got, single["fp32"], 1e-2)
 
 
 # ---- an inf in one rank's gradient ---------------------------------------------------------------
@@ -344,3 +344,39 @@ def test_every_layout_up_to_eight_ranks(tmp_path):
     assert {(r["tp"], r["pp"], r["dp"]) for r in report["runs"]} >= {
         (t, p, d) for t in (1, 2) for p in (1, 2) for d in (1, 2)}
     assert all(r["passed"] for r in report["runs"])
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_grads_accumulate_in_the_buffer_and_the_optimizer_reads_it_without_copies(bf16):
+    from megatron_lite.config import ModelConfig, OptimizerConfig
+    from megatron_lite.distributed.data_parallel import DDPConfig, DistributedDataParallel
+    from megatron_lite.optim.optimizer import build_optimizer
+    from megatron_lite.parallel.state import ParallelState
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).to(dtype)
+    module.load_state_dict({k: v.to(dtype) for k, v in ref.state_dict().items()})
+    model = DistributedDataParallel(module, ParallelState(), DDPConfig())
+    opt = build_optimizer([model], OptimizerConfig(lr=1e-2, clip_grad=0.0), ModelConfig(bf16=bf16), ParallelState())
+    (buf,) = model.grad_buffers
+    assert buf.grad_data.dtype == torch.float32  # fp32 accumulation for half-precision models too
+    x = torch.randn(3, 8)
+    model.zero_grad_buffer()
+    opt.zero_grad()
+    with model.no_sync():
+        model(x.to(dtype)).float().square().mean().backward()
+    model(x.to(dtype)).float().square().mean().backward()
+    assert all(p.grad is None for p in module.parameters())  # moved into the buffer by the hook
+    ref(x).square().mean().backward()
+    for p, r in zip(module.parameters(), ref.parameters()):  # two micro-batches accumulated
+        assert torch.allclose(p.main_grad, 2 * r.grad, rtol=2e-2 if bf16 else 1e-6, atol=1e-3 if bf16 else 1e-7)
+    model.finish_grad_sync()
+    ok, _, _ = opt.step()
+    assert ok
+    lo, hi = buf.grad_data.data_ptr(), buf.grad_data.data_ptr() + buf.grad_data.numel() * 4
+    mains = opt.main_params()
+    assert mains and all(m.grad is None or lo <= m.grad.data_ptr() < hi for m in mains)
+    if bf16:
+        assert all(lo <= m.grad.data_ptr() < hi for m in mains)  # the masters read the buffer: no fp32 copy
