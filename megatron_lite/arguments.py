@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="tanh-approximated GeLU, as OpenAI's GPT-2 (HF gelu_new); default the exact GeLU")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--attention-backend", choices=["auto", "unfused", "fused_softmax", "sdpa"], default="auto")
     g.add_argument("--no-masked-softmax-fusion", dest="masked_softmax_fusion", action="store_false")

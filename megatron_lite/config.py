@@ -59,6 +59,7 @@ class ModelConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     layernorm_epsilon: float = 1e-5
+    openai_gelu: bool = False  # tanh-approximated GeLU (GPT-2's gelu_new); default exact erf GeLU
     untie_embeddings_and_output_weights: bool = False
     attention_backend: str = "auto"  # auto | unfused | fused_softmax | sdpa
     masked_softmax_fusion: bool = True

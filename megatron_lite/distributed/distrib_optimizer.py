@@ -166,10 +166,11 @@ class DistributedOptimizer(MegatronOptimizer):
         return {"dp_rank": self.pstate.dp_rank, "dp_size": self.pstate.dp_size, "shards": shards}
 
     def load_state_dict(self, state: dict, sharded: Optional[Sequence[dict]] = None) -> None:
-        """``state``: the common part; ``sharded``: every saved DP rank's ``sharded_state_dict``."""
+        """``state``: the common part; ``sharded``: every saved DP rank's ``sharded_state_dict``. A
+        whole-tensor optimizer state (saved without ZeRO-1, or by tools/checkpoint_convert.py) is cut
+        into this rank's slices instead."""
         if "distributed" not in state:
-            raise CheckpointError("the checkpoint's optimizer state was saved without --use-distributed-optimizer; "
-                                  "add --no-load-optim to start the optimizer afresh, or drop the flag")
+            state, sharded = _whole_as_slices(state, self.num_params)
         if state["distributed"].get("num_params") != self.num_params:
             raise CheckpointError(f"the checkpoint's optimizer has {state['distributed'].get('num_params')} "
                                   f"parameters, this model {self.num_params}")
@@ -189,6 +190,31 @@ class DistributedOptimizer(MegatronOptimizer):
                     self._load_shard(s, pieces.get(s.index, []), step_device)
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
+
+
+def _whole_as_slices(state: dict, num_params: int):
+    """A FP32Optimizer / MixedPrecisionOptimizer state dict as one 'DP rank' holding every element."""
+    torch_state = state["optimizer"]
+    masters = [m for group in state.get("fp32_from_fp16_params", []) for m in group]
+    count = sum(len(g["params"]) for g in torch_state["param_groups"])
+    if count != num_params:
+        raise CheckpointError(f"the checkpoint's optimizer has {count} parameters, this model {num_params}")
+    entries = []
+    for index in range(count):
+        st = torch_state["state"].get(index, torch_state["state"].get(str(index), {}))
+        numel = masters[index].numel() if masters else (st["exp_avg"].numel() if st else 0)
+        entry = {"index": index, "lo": 0, "hi": numel, "numel": numel}
+        if st:
+            entry.update(step=st["step"], exp_avg=st["exp_avg"].reshape(-1), exp_avg_sq=st["exp_avg_sq"].reshape(-1))
+        if masters:
+            entry["master"] = masters[index].reshape(-1)
+        if st or masters:
+            entries.append(entry)
+    common = {"distributed": {"dp_size": 1, "num_params": num_params},
+              "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in torch_state["param_groups"]]}
+    if "grad_scaler" in state:
+        common["grad_scaler"] = state["grad_scaler"]
+    return common, [{"dp_rank": 0, "dp_size": 1, "shards": entries}]
 
 
 def _assemble(entries: List[dict], key: str, lo: int, hi: int, index: int) -> torch.Tensor:

@@ -64,6 +64,22 @@ def next_token(model: InferenceModel, ids: List[int], vocab_size: int) -> int:
     return int(_from_last_stage(model, value).item())
 
 
+@torch.no_grad()
+def full_logits(model: InferenceModel, ids: List[int]) -> torch.Tensor:
+    """fp32 logits [len(ids), padded vocabulary] after each position, the same on every rank
+    (``len(ids) <= seq_length``; checkpoint-conversion parity compares them with HuggingFace's)."""
+    seq, dev = model.cfg.model.seq_length, model.pstate.device
+    n = len(ids)
+    if not 0 < n <= seq:
+        raise ValueError(f"full_logits: need 1..{seq} tokens, got {n}")
+    tokens = torch.zeros(1, seq, dtype=torch.long, device=dev)
+    tokens[0, :n] = torch.tensor(ids, dtype=torch.long, device=dev)
+    batch = {"tokens": tokens, "position_ids": torch.arange(seq, device=dev).unsqueeze(0)}
+    out = _run_forward(model, batch, lambda logits: gather_from_tp(logits[0, :n].contiguous().float(), model.pstate))
+    value = out[0] if out else torch.zeros(n, model.cfg.model.padded_vocab_size, device=dev)
+    return _from_last_stage(model, value.contiguous())
+
+
 def greedy(model: InferenceModel, tokenizer, prompt: str, max_new_tokens: int) -> str:
     ids = tokenizer.tokenize(prompt)
     out: List[int] = []

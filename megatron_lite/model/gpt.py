@@ -134,6 +134,20 @@ class GPTModel(nn.Module):
             return self.word_embeddings_for_head.weight
         return getattr(self.output_layer, "weight", None)
 
+    def global_param_names(self) -> dict:
+        """{state-dict name: (name in the single-process model, is the last stage's tied copy)}: layer
+        indices counted from the first stage (checkpoints record these; tools convert by them)."""
+        out = {}
+        for local in self.state_dict():
+            name, tied_copy = local, False
+            if local.startswith("decoder.layers."):
+                i, rest = local[len("decoder.layers."):].split(".", 1)
+                name = f"decoder.layers.{int(i) + self.layer_offset}.{rest}"
+            elif local == "word_embeddings_for_head.weight":
+                name, tied_copy = WORD_EMBEDDINGS, True
+            out[local] = (name, tied_copy)
+        return out
+
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,

@@ -226,6 +226,8 @@ class ParallelMLP(nn.Module):
                  pstate: ParallelState):
         super().__init__()
         common = dict(sequence_parallel=sequence_parallel, params_dtype=config.params_dtype, pstate=pstate)
+        # exact erf GeLU is Megatron's default; --openai-gelu is GPT-2's tanh approximation
+        self.gelu_approximate = "tanh" if getattr(config, "openai_gelu", False) else "none"
         self.dense_h_to_4h = ColumnParallelLinear(
             config.hidden_size, config.ffn_hidden_size, bias=True, gather_output=False,
             init_method=seeded_init(seed, f"{prefix}.dense_h_to_4h.weight", config.init_method_std),
@@ -237,7 +239,7 @@ class ParallelMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.dense_h_to_4h(x)
-        out, _ = self.dense_4h_to_h(F.gelu(h))  # exact erf GeLU: Megatron's default (openai_gelu off)
+        out, _ = self.dense_4h_to_h(F.gelu(h, approximate=self.gelu_approximate))
         return out
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from typing import List, Optional
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.io_utils import atomic_path, atomic_write_text
+from megatron_lite.training.checkpoint_format import describe_params, model_keys, optimizer_param_names
 from megatron_lite.parallel.random import get_rng_tracker
 from megatron_lite.parallel.state import ParallelState, require_state
 from megatron_lite.errors import CheckpointError
@@ -34,13 +36,25 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 
 
+STAGING_SUFFIX = ".staging"  # a save in progress: never loaded from
+REPLACED_SUFFIX = ".replaced"  # the previous copy of an iteration, while a new save of it is renamed in
+
+
 def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
+    """The directory of ``iteration``; during the instant a re-save of the same iteration swaps
+    directories, the previous complete copy (``.replaced``)."""
+    final = os.path.join(root, f"iter_{iteration:07d}")
+    if not os.path.isdir(final) and os.path.isdir(final + REPLACED_SUFFIX):
+        return final + REPLACED_SUFFIX
+    return final
+
+
+def shard_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
 def checkpoint_file(root: str, iteration: int, tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return os.path.join(checkpoint_dir(root, iteration), name, "model_optim_rng.pt")
+    return os.path.join(checkpoint_dir(root, iteration), shard_name(tp_rank, pp_rank, pp_size), "model_optim_rng.pt")
 
 
 def distrib_optim_file(model_file: str, dp_rank: int) -> str:
@@ -71,13 +85,13 @@ def _load_optimizer(path: str, optimizer, saved: dict) -> None:
     """Restore the optimizer, reading the per-DP-rank slices when the checkpoint has them."""
     saved_distributed = isinstance(saved, dict) and isinstance(saved.get("distributed"), dict)
     run_distributed = hasattr(optimizer, "sharded_state_dict")
-    if saved_distributed != run_distributed:
-        how = "with" if saved_distributed else "without"
-        fix = "add --use-distributed-optimizer" if saved_distributed else "drop --use-distributed-optimizer"
-        raise CheckpointError(f"{path}: the optimizer state was saved {how} --use-distributed-optimizer; {fix}, "
+    if saved_distributed and not run_distributed:
+        raise CheckpointError(f"{path}: the optimizer state was saved with --use-distributed-optimizer; add the "
+                              "flag (any DP size), or write it whole with tools/checkpoint_convert.py --with-optim, "
                               "or load the weights only with --no-load-optim")
     if run_distributed:
-        slices = _read_optimizer_slices(path, int(saved["distributed"].get("dp_size", 0)))
+        slices = _read_optimizer_slices(path, int(saved["distributed"].get("dp_size", 0))) \
+            if saved_distributed else None
         def load(st):
             try:
                 optimizer.load_state_dict(st, slices)
@@ -151,9 +165,7 @@ def read_checkpoint_args(root: str, iteration: Optional[int] = None) -> dict:
     return args
 
 
-def _model_keys(num_chunks: int) -> List[str]:
-    """Megatron's keys: 'model' for one chunk, 'model0', 'model1', ... with virtual pipeline stages."""
-    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
 
 
 def _rng_state() -> dict:
@@ -258,9 +270,16 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List[torch.nn.Modul
                     lr_scheduler=None, consumed_samples: int = 0, config_dict: Optional[dict] = None,
                     pstate: Optional[ParallelState] = None) -> str:
     """Every rank of DP rank 0 writes its model shard (under ZeRO-1 every rank also its optimizer
-    slices); rank 0 replaces the tracker file last."""
+    slices) into ``iter_N.staging``; when all have, rank 0 renames it to ``iter_N`` and then
+    replaces the tracker file. A kill at any moment leaves the tracker naming a complete
+    checkpoint, and no directory that a load reads is ever written into."""
     ps = require_state(pstate)
-    path = checkpoint_file(root, iteration, ps.tp_rank, ps.pp_rank, ps.pp_size)
+    final = os.path.join(root, f"iter_{iteration:07d}")
+    staging = final + STAGING_SUFFIX
+    if ps.rank == 0 and os.path.isdir(staging):
+        shutil.rmtree(staging)  # left by a save that was killed
+    _barrier()
+    path = os.path.join(staging, shard_name(ps.tp_rank, ps.pp_rank, ps.pp_size), "model_optim_rng.pt")
     if ps.dp_rank == 0:
         state = {
             "checkpoint_version": CHECKPOINT_VERSION,
@@ -270,8 +289,10 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List[torch.nn.Modul
                        "virtual_pipeline_model_parallel_size": len(model_chunks)},
             "args": config_dict or {},
             "rng_state": _rng_state(),
+            "param_meta": describe_params(model_chunks, ps),
+            "optimizer_params": optimizer_param_names(model_chunks),
         }
-        for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+        for key, chunk in zip(model_keys(len(model_chunks)), model_chunks):
             state[key] = chunk.state_dict()
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
@@ -284,13 +305,52 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List[torch.nn.Modul
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_path(distrib_optim_file(path, ps.dp_rank)) as tmp:
             torch.save(optimizer.sharded_state_dict(), tmp)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     if ps.rank == 0:
+        _publish(staging, final)
         atomic_write_text(os.path.join(root, TRACKER_FILE), str(iteration), fsync=True)
+    _barrier()
+    return os.path.join(final, shard_name(ps.tp_rank, ps.pp_rank, ps.pp_size), "model_optim_rng.pt")
+
+
+def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-    return path
+
+
+def _publish(staging: str, final: str) -> None:
+    """Rename the complete staging directory into place; an older copy of the same iteration is
+    moved aside first and removed only after (``checkpoint_dir`` finds it in between)."""
+    replaced = final + REPLACED_SUFFIX
+    if os.path.isdir(replaced) and os.path.isdir(final):
+        shutil.rmtree(replaced)
+    if os.path.isdir(final):
+        os.rename(final, replaced)
+    os.rename(staging, final)
+    if os.path.isdir(replaced):
+        shutil.rmtree(replaced)
+
+
+def _layout_error(root: str, iteration: int, saved: dict, ps, num_chunks: int,
+                  expected_config: Optional[dict]) -> CheckpointError:
+    """'saved at TP.. PP.. VP.., this run ..; convert it with: <the exact command>'."""
+    def show(tp, pp, vp):
+        return f"TP={tp} PP={pp}" + (f" VP={vp}" if vp and vp > 1 else "")
+
+    vp_layers = ((expected_config or {}).get("parallel") or {}).get("num_layers_per_virtual_pipeline_stage")
+    target = root.rstrip("/") + f"_tp{ps.tp_size}_pp{ps.pp_size}" + (f"_vp{num_chunks}" if num_chunks > 1 else "")
+    cmd = (f"python tools/checkpoint_convert.py --load-dir {root} --save-dir {target} "
+           f"--target-tensor-parallel-size {ps.tp_size} --target-pipeline-parallel-size {ps.pp_size}")
+    if vp_layers:
+        cmd += f" --target-num-layers-per-virtual-pipeline-stage {vp_layers}"
+    if saved.get("tensor_model_parallel_size") is None:
+        where = "with another layout"
+    else:
+        where = "at " + show(saved.get("tensor_model_parallel_size"), saved.get("pipeline_model_parallel_size"),
+                             saved.get("virtual_pipeline_model_parallel_size"))
+    return CheckpointError(f"--load {root}: iteration {iteration} was saved {where}, this run is "
+                           f"{show(ps.tp_size, ps.pp_size, num_chunks)}; run at the saved layout, or convert it "
+                           f"with: {cmd} (add --with-optim to keep the optimizer state) and --load {target}")
 
 
 def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=None, lr_scheduler=None,
@@ -311,6 +371,8 @@ def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=No
         if iteration is None:
             raise CheckpointError(f"--load {root}: no {TRACKER_FILE} found; is this a checkpoint directory?")
     path = checkpoint_file(root, iteration, ps.tp_rank, ps.pp_rank, ps.pp_size)
+    want = {"tensor_model_parallel_size": ps.tp_size, "pipeline_model_parallel_size": ps.pp_size,
+            "virtual_pipeline_model_parallel_size": len(model_chunks)}
     if not os.path.isfile(path):
         iter_dir = checkpoint_dir(root, iteration)
         present = sorted(os.listdir(iter_dir)) if os.path.isdir(iter_dir) else []
@@ -321,20 +383,16 @@ def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=No
                 f"--load {root}: {TRACKER_FILE} names iteration {iteration}, but "
                 f"{os.path.relpath(iter_dir, root)} {what}; the tracker file is wrong or the checkpoint "
                 "is incomplete")
-        raise CheckpointError(
-            f"--load {root}: iteration {iteration} has no shard {os.path.relpath(path, root)} "
-            f"(found {present or 'nothing'}); the checkpoint was probably saved with another "
-            f"--tensor-model-parallel-size / --pipeline-model-parallel-size")
+        shard = next(d for d in present if d.startswith("mp_rank_"))
+        other = read_shard(os.path.join(iter_dir, shard, "model_optim_rng.pt")).get("layout") or {}
+        if other != want:
+            raise _layout_error(root, iteration, other, ps, len(model_chunks), expected_config)
+        raise CheckpointError(f"--load {root}: iteration {iteration} has no shard {os.path.relpath(path, root)} "
+                              f"(found {present}); the checkpoint is incomplete (an interrupted copy?)")
     state = read_shard(path)
     layout = state.get("layout", {})
-    want = {"tensor_model_parallel_size": ps.tp_size, "pipeline_model_parallel_size": ps.pp_size,
-            "virtual_pipeline_model_parallel_size": len(model_chunks)}
     if layout and layout != want:
-        raise CheckpointError(
-            f"{path}: saved with layout TP={layout.get('tensor_model_parallel_size')} "
-            f"PP={layout.get('pipeline_model_parallel_size')} "
-            f"VP={layout.get('virtual_pipeline_model_parallel_size')}, this run has TP={ps.tp_size} "
-            f"PP={ps.pp_size} VP={len(model_chunks)}; run with the saved layout")
+        raise _layout_error(root, iteration, layout, ps, len(model_chunks), expected_config)
     saved_args = state.get("args", {})
     saved_args = saved_args if isinstance(saved_args, dict) else {}
     messages: List[str] = []
@@ -353,7 +411,7 @@ def load_checkpoint(root: str, model_chunks: List[torch.nn.Module], optimizer=No
                                 f"{_precision(run_model)}: loaded the weights, not the optimizer state; "
                                 "the fp32 master weights are rebuilt from the weights and Adam's moments "
                                 "start afresh")
-    keys = _model_keys(len(model_chunks))
+    keys = model_keys(len(model_chunks))
     for key, chunk in zip(keys, model_chunks):
         if key not in state:
             raise CheckpointError(f"{path}: no {key!r} entry (has {_names(sorted(map(str, state)))}); "
