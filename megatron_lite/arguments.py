@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the model weights of --load only: no optimizer or RNG state, iteration 0")
     g.add_argument("--exit-interval", type=int, default=None)
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (e.g. Slurm preemption) every rank finishes the current iteration, the run "
+                        "saves to --save and exits 0")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-jsonl", default=None, help="(megatron_lite) one JSON line per logged iteration")
     g.add_argument("--peak-tflops", type=float, default=None,

@@ -272,6 +272,7 @@ class TrainConfig:
     finetune: bool = False
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
+    exit_signal_handler: bool = False  # on SIGTERM: finish the iteration, save, exit 0
     tensorboard_dir: Optional[str] = None
     metrics_jsonl: Optional[str] = None
     peak_tflops: Optional[float] = None

@@ -283,6 +283,26 @@ class Trainer:
             self.writer.write({"iteration": self.iteration, "split": split, "consumed_samples": self.consumed_samples,
                                "lm_loss": loss, "ppl": ppl}, tb_prefix=f"{split}/")
 
+    def _install_signal_handler(self) -> None:
+        """SIGTERM only sets a flag: the loop sees it after the iteration, when every rank agrees."""
+        import signal
+
+        self._signal_received = False
+
+        def handler(signum, frame):
+            self._signal_received = True
+
+        if self.cfg.train.exit_signal_handler:
+            signal.signal(signal.SIGTERM, handler)
+
+    def _should_exit_for_signal(self) -> bool:
+        if not self.cfg.train.exit_signal_handler:
+            return False
+        flag = torch.tensor([int(self._signal_received)], device=self.pstate.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a rank that got no signal stops with the rest
+        return bool(flag.item())
+
     def _should_exit_for_time(self, start: float) -> bool:
         """Every rank must agree, or some would wait forever in the next collective."""
         minutes = self.cfg.train.exit_duration_in_mins
@@ -299,6 +319,7 @@ class Trainer:
         timer = Timer()
         window = _new_log_window()
         saved_at = evaluated_at = None
+        self._install_signal_handler()
         timer.start()
         while self.iteration < t.train_iters:
             loss, ok, grad_norm, num_zeros, lr = self.train_step()
@@ -334,13 +355,19 @@ class Trainer:
             if t.exit_interval and self.iteration % t.exit_interval == 0:
                 summary.exit_reason = "exit_interval"
                 break
+            if self._should_exit_for_signal():
+                summary.exit_reason = "signal"
+                _print_rank0(ps, f"> SIGTERM received: saving at iteration {self.iteration} and exiting "
+                                 "(--exit-signal-handler)")
+                break
             if self._should_exit_for_time(start):
                 summary.exit_reason = "exit_duration"
                 _print_rank0(ps, f"> exiting after {t.exit_duration_in_mins} minutes (--exit-duration-in-mins)")
                 break
         timer.stop()
 
-        if self.valid_ds is not None and evaluated_at != self.iteration and self.iteration > 0:
+        preempted = summary.exit_reason == "signal"  # save first, skip the rest: the job may be killed soon
+        if self.valid_ds is not None and evaluated_at != self.iteration and self.iteration > 0 and not preempted:
             self._evaluate_and_log(self.valid_ds, "valid", summary)
         if self.test_ds is not None and summary.exit_reason == "train_iters":
             self._evaluate_and_log(self.test_ds, "test", summary)
