@@ -75,3 +75,14 @@ def test_benchmark_data_parallel(tmp_path):
     mem = {(r["dp"], r["zero1"]): r["optimizer_state_bytes_per_rank"] for r in report["optimizer_memory"]}
     assert mem[(1, False)] == mem[(1, True)] == mem[(2, False)]
     assert abs(mem[(2, True)] - mem[(1, False)] / 2) <= 0.05 * mem[(1, False)]
+
+
+@pytest.mark.slow  # a dozen training and conversion processes: about a minute
+def test_benchmark_checkpoint(tmp_path):
+    out = tmp_path / "ckpt.json"
+    proc = subprocess.run([sys.executable, "benchmarks/benchmark_checkpoint.py", "--num-layers", "2",
+                           "--hidden-size", "64", "--num-heads", "4", "--seq-length", "32", "--vocab-size", "512",
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 10 and all(r["seconds"] > 0 and r["mib"] > 0 for r in rows)

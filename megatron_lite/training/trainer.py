@@ -173,6 +173,7 @@ class Trainer:
             _print_rank0(self.pstate, f"> --load {t.load}: no checkpoint there; training from scratch")
             return
         load_optim = not (t.no_load_optim or t.finetune)
+        started = time.time()
         info = load_checkpoint(t.load, self.model, self.optimizer, self.lr_scheduler, self.pstate,
                                load_optim=load_optim, load_rng=not (t.no_load_rng or t.finetune),
                                expected_config=self.cfg.to_dict())
@@ -186,11 +187,13 @@ class Trainer:
             _print_rank0(self.pstate, f"> --finetune: loaded the weights of {t.load}; starting at iteration 0")
             return
         self.iteration, self.consumed_samples = info["iteration"], info["consumed_train_samples"]
-        _print_rank0(self.pstate, f"> loaded checkpoint from {t.load} at iteration {self.iteration}")
+        _print_rank0(self.pstate, f"> loaded checkpoint from {t.load} at iteration {self.iteration} "
+                                  f"({time.time() - started:.2f} s)")
 
     def save(self) -> None:
         from megatron_lite.training.checkpoint import save_checkpoint
 
+        started = time.time()
         try:
             path = save_checkpoint(self.cfg.train.save, self.iteration, self.model, self.optimizer,
                                    self.lr_scheduler, self.consumed_samples, self.cfg.to_dict(), self.pstate)
@@ -199,7 +202,8 @@ class Trainer:
             raise OutputPathError(f"--save: cannot write the checkpoint of iteration {self.iteration} to "
                                   f"{where} ({e.strerror or e})") from None
         iter_dir = os.path.dirname(os.path.dirname(path))
-        _print_rank0(self.pstate, f"> saved checkpoint at iteration {self.iteration} to {iter_dir}")
+        _print_rank0(self.pstate, f"> saved checkpoint at iteration {self.iteration} to {iter_dir} "
+                                  f"({time.time() - started:.2f} s)")
 
     # ---- one iteration ----------------------------------------------------------------------
     def _run_schedule(self, dataset, consumed: int, forward_only: bool, split: str) -> List[dict]:
