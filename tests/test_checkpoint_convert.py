@@ -204,3 +204,27 @@ def test_huggingface_export_refuses_what_gpt2_cannot_express(tmp_path):
         check_exportable({"position_embedding_type": "rope"})
     with pytest.raises(CheckpointError, match="--untie-embeddings-and-output-weights"):
         check_exportable({"untie_embeddings_and_output_weights": True})
+
+
+@pytest.mark.timeout(200)
+def test_huggingface_export_carries_the_tokenizer(tmp_path, tokenizer_files):
+    transformers = pytest.importorskip("transformers")
+    vocab, merges, _ = tokenizer_files
+    root = str(tmp_path / "ckpt")
+    flags = ["--mock-data", "--vocab-file", vocab, "--merge-file", merges, "--num-layers", "1", "--hidden-size", "32",
+             "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "1", "--train-iters", "1",
+             "--eval-iters", "0", "--save", root]
+    proc = subprocess.run([sys.executable, "-m", "megatron_lite.pretrain_gpt", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    hf_dir = str(tmp_path / "hf")
+    proc = convert("--load-dir", root, "--target", "huggingface", "--save-dir", hf_dir)
+    assert proc.returncode == 0 and "vocab.json, merges.txt" in proc.stdout, proc.stdout + proc.stderr
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    from megatron_lite.data.tokenizer import build_tokenizer
+
+    ours = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    text = "def parse(line):\n    return line.split(',')  # naïve"
+    assert tok(text)["input_ids"] == ours.tokenize(text)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert model.config.vocab_size == ours.vocab_size
