@@ -322,10 +322,24 @@ def test_parity_tool_runs_layouts_through_torchrun(tmp_path):
     assert [r["layout"] for r in report["runs"]] == ["tp1pp1dp2+zero+overlap", "tp2pp1dp1"]
     for r in report["runs"]:
         assert r["passed"] and len(r["losses"]) == 3 and r["max_rel_loss"] <= 1e-5
-    # a tolerance nobody meets fails the run with a non-zero exit
-    proc, report = _parity(["--layouts", "tp2pp1dp1", "--train-iters", "2", "--tolerance", "0",
-                            "--", "--hidden-dropout", "0.1"], tmp_path, 200)
-    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout + proc.stderr
+    # a bad layout is one error line, before anything runs
+    proc, _ = _parity(["--layouts", "tp2pp2"], tmp_path, 60)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "tp<T>pp<P>dp<D>" in errors[0], proc.stderr
+
+
+def test_parity_tool_fails_a_layout_beyond_the_tolerance():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("loss_parity", os.path.join(ROOT, "tools", "loss_parity.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    ref = {"losses": [5.0, 4.0], "grad_norms": [1.0, 1.0]}
+    near = {"ok": True, "layout": "a", "losses": [5.0 * (1 + 5e-6), 4.0], "grad_norms": [1.0, 1.0]}
+    far = {"ok": True, "layout": "b", "losses": [5.0 * (1 + 2e-5), 4.0], "grad_norms": [1.0, 1.0]}
+    assert tool.compare(near, ref, 1e-5)["passed"] and not tool.compare(far, ref, 1e-5)["passed"]
+    assert not tool.compare({**near, "losses": [5.0]}, ref, 1e-5)["passed"]  # a run cut short fails
+    assert "FAIL" in tool.table_row({**tool.compare(far, ref, 1e-5), "world": 2, "seconds": 1.0})
 
 
 @pytest.mark.slow

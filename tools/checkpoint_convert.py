@@ -20,7 +20,8 @@ import json
 import os
 import shutil
 import sys
-from typing import List, Optional
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -29,7 +30,10 @@ from megatron_lite.errors import CheckpointError, InputError
 from megatron_lite.io_utils import atomic_write_text
 
 
-def _fresh_output(path: str) -> str:
+@contextmanager
+def new_output_dir(path: str) -> Iterator[str]:
+    """Yield ``path + '.converting'`` to write into; renamed to ``path`` when the block succeeds,
+    removed when it fails. ``path`` must not exist (or be empty)."""
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise InputError(f"--save-dir {path}: exists and is not empty; converted checkpoints are written to a new "
                          "directory (an existing one is never modified)")
@@ -37,10 +41,11 @@ def _fresh_output(path: str) -> str:
     if os.path.isdir(staging):
         shutil.rmtree(staging)  # left by an interrupted conversion
     os.makedirs(staging)
-    return staging
-
-
-def _publish(staging: str, path: str) -> None:
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if os.path.isdir(path):
         os.rmdir(path)  # empty, checked above
     os.rename(staging, path)
@@ -50,14 +55,9 @@ def to_layout(args) -> None:
     from megatron_lite.training.checkpoint_convert import Source, convert
 
     src = Source.open(args.load_dir)
-    staging = _fresh_output(args.save_dir)
-    try:
+    with new_output_dir(args.save_dir) as staging:
         convert(src, staging, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                 args.target_num_layers_per_virtual_pipeline_stage, with_optim=args.with_optim)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _publish(staging, args.save_dir)
     print(f"converted {args.load_dir} (TP={src.tp} PP={src.pp}) at iteration {src.iteration} to "
           f"TP={args.target_tensor_parallel_size} PP={args.target_pipeline_parallel_size}"
           f"{' with optimizer state' if args.with_optim else ' (weights only; --with-optim keeps the optimizer)'}: "
@@ -73,16 +73,11 @@ def to_huggingface(args) -> None:
     src = Source.open(args.load_dir)
     model = src.args["model"]
     check_exportable(model)
-    staging = _fresh_output(args.save_dir)
-    try:
+    with new_output_dir(args.save_dir) as staging:
         tensors = {name: t.contiguous() for name, t in to_hf(lambda n: src.full(n, unpad=True), model)}
         save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
         atomic_write_text(os.path.join(staging, "config.json"), json.dumps(hf_config(model), indent=1) + "\n")
         copied = _copy_tokenizer(src.args.get("data") or {}, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _publish(staging, args.save_dir)
     print(f"exported {args.load_dir} (iteration {src.iteration}) as GPT2LMHeadModel to {args.save_dir}: "
           f"{len(tensors)} tensors in model.safetensors, config.json"
           + (f", {', '.join(copied)}" if copied else "; no tokenizer files recorded in the checkpoint (mock data?)"))
@@ -142,18 +137,13 @@ def from_huggingface(args) -> None:
     if os.path.isfile(vocab) and os.path.isfile(merges):
         cfg.data.vocab_file, cfg.data.merge_file = os.path.abspath(vocab), os.path.abspath(merges)
     tensors = from_hf(hf_state, fields)
-    want = {k: v for k, v in tensors.items()}
-    if want["embedding.word_embeddings.weight"].shape[0] != fields["vocab_size"]:
-        raise CheckpointError(f"{args.load_dir}: wte has {want['embedding.word_embeddings.weight'].shape[0]} rows, "
+    rows = tensors["embedding.word_embeddings.weight"].shape[0]
+    if rows != fields["vocab_size"]:
+        raise CheckpointError(f"{args.load_dir}: wte has {rows} rows, "
                               f"config.json says vocab_size {fields['vocab_size']}")
-    staging = _fresh_output(args.save_dir)
-    try:
+    with new_output_dir(args.save_dir) as staging:
         convert(TensorSource(cfg.to_dict(), tensors, root=args.load_dir), staging, args.target_tensor_parallel_size,
                 args.target_pipeline_parallel_size, args.target_num_layers_per_virtual_pipeline_stage)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _publish(staging, args.save_dir)
     print(f"imported {args.load_dir} ({fields['num_layers']} layers, hidden {fields['hidden_size']}, vocab "
           f"{fields['vocab_size']}) at TP={args.target_tensor_parallel_size} PP={args.target_pipeline_parallel_size}"
           f" to {args.save_dir}; train with the same model flags and --load {args.save_dir} (or --finetune)")
