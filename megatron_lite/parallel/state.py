@@ -108,6 +108,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ROUND_COUNTER_KEY = "megatron_lite/worker_starts"
+
+
+def elastic_round_store(timeout: datetime.timedelta):
+    """Under torchrun's agent store, a store prefix that every worker of this start of the group shares.
+
+    torch's own prefix is ``/worker/attempt_{TORCHELASTIC_RESTART_COUNT}``, but that count is each
+    agent's own: the agent whose worker failed counts the restart, an agent restarted only because its
+    peer re-joined the rendezvous does not. After a restart on several nodes the new workers therefore
+    split over two prefixes, one of which still holds the dead workers' gloo addresses (torch
+    2.13; seen as ``connectFullMesh ... Connection refused`` and then a hang). Here every worker adds 1
+    to a counter in the agent store (which outlives the workers) once per process: the k-th group of
+    WORLD_SIZE starts is round k, the same number on every node, and the round's keys are its own.
+    None when not under torchrun's agent store (plain env:// then)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    if world == 1:
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                           timeout=timeout)
+    round_index = (client.add(ROUND_COUNTER_KEY, 1) - 1) // world
+    os.environ["MEGATRON_LITE_GROUP_ROUND"] = str(round_index)
+    return dist.PrefixStore(f"/megatron_lite/round_{round_index}", client)
+
+
 def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.0) -> str:
     """Initialise torch.distributed from torchrun's environment, or as a 1-process group.
 
@@ -133,8 +159,14 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
             raise ParallelConfigError(f"LOCAL_RANK {local_rank} but this node has {devices} CUDA device(s); "
                                       f"launch at most {devices} processes per node (torchrun --nproc_per_node)")
         torch.cuda.set_device(local_rank)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     try:
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        store = elastic_round_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     except (RuntimeError, ValueError) as e:  # DistNetworkError / DistStoreError are RuntimeErrors
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
