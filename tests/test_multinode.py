@@ -1,0 +1,92 @@
+"""Several torchrun agents on 127.0.0.1 as several nodes (c10d rendezvous), and restarts after a kill -9."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from dist_helpers import run_entry_point
+from megatron_lite.parallel.state import free_port
+
+TINY = ["--mock-data", "--vocab-size", "128", "--make-vocab-size-divisible-by", "64", "--num-layers", "2",
+        "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "1",
+        "--global-batch-size", "4", "--hidden-dropout", "0", "--attention-dropout", "0", "--lr", "1e-3",
+        "--log-interval", "1", "--eval-interval", "100000", "--eval-iters", "0", "--seed", "3",
+        "--distributed-backend", "gloo", "--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", "1"]
+
+
+def _agents(args, tmp_path, max_restarts=0, nodes=2):
+    """One torchrun agent per "node", 2 workers each, joined through a c10d rendezvous."""
+    port, env = free_port(), dict(os.environ, OMP_NUM_THREADS="1")
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+                              "--nproc-per-node", "2", "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d",
+                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"job{port}", "--monitor-interval",
+                              "0.5", "-m", "megatron_lite.pretrain_gpt", *args], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(nodes)]
+
+
+def _wait(agents, timeout=240):
+    outs = [a.communicate(timeout=timeout) for a in agents]
+    return [a.returncode for a in agents], outs
+
+
+def _losses(path):
+    """Iteration -> loss; a restarted run appends, and its (last) record of an iteration counts."""
+    with open(path) as f:
+        return {r["iteration"]: r["lm_loss"] for r in map(json.loads, f) if "split" not in r}
+
+
+@pytest.mark.timeout(300)
+def test_two_agents_tp2_dp2_match_one_process(tmp_path):
+    metrics = str(tmp_path / "two_nodes.jsonl")
+    codes, outs = _wait(_agents(TINY + ["--train-iters", "5", "--metrics-jsonl", metrics], tmp_path))
+    assert codes == [0, 0], outs
+    single = run_entry_point(TINY + ["--train-iters", "5", "--tensor-model-parallel-size", "1",
+                                     "--metrics-jsonl", str(tmp_path / "one.jsonl")], tmp_path, timeout=120)
+    assert single.returncode == 0, single.stderr
+    a, b = _losses(metrics), _losses(tmp_path / "one.jsonl")
+    assert sorted(a) == [1, 2, 3, 4, 5]
+    assert [a[i] for i in a] == pytest.approx([b[i] for i in a], rel=1e-5)
+
+
+@pytest.mark.timeout(400)
+def test_kill_9_of_a_worker_restarts_the_group_and_resumes_from_the_last_checkpoint(tmp_path):
+    from megatron_lite.training import checkpoint as ckpt
+
+    root, metrics = str(tmp_path / "ckpt"), str(tmp_path / "run.jsonl")
+    run = TINY + ["--train-iters", "80", "--lr-decay-iters", "80", "--save", root, "--load", root,
+                  "--save-interval", "5"]
+    agents = _agents(run + ["--metrics-jsonl", metrics], tmp_path, max_restarts=1)
+    deadline = time.time() + 180
+    while time.time() < deadline and (not os.path.exists(metrics) or len(_losses(metrics)) < 12):
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(agents[1].pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    killed_at = max(_losses(metrics))
+    os.kill(int(workers[0]), signal.SIGKILL)
+    codes, outs = _wait(agents)
+    assert codes == [0, 0], [o[1][-3000:] for o in outs]
+    stdout = "".join(o[0] for o in outs)
+    assert "no checkpoint there; training from scratch" in stdout  # the first start said so
+    resumed = [int(line.rsplit("at iteration ", 1)[1].split()[0]) for line in stdout.splitlines()
+               if line.startswith("> loaded checkpoint from")]
+    assert len(resumed) == 1 and killed_at - 5 <= resumed[0] <= killed_at + 5, (resumed, killed_at)
+    assert resumed[0] % 5 == 0  # iterations lost: at most the save interval
+    # every saved checkpoint is complete
+    assert ckpt.read_latest_iteration(root) == 80
+    for d in sorted(os.listdir(root)):
+        if d.startswith("iter_"):
+            assert not d.endswith((ckpt.STAGING_SUFFIX, ckpt.REPLACED_SUFFIX)), d
+            for shard in os.listdir(os.path.join(root, d)):
+                ckpt.read_shard(os.path.join(root, d, shard, "model_optim_rng.pt"))
+    # the losses after the restart are those of a run that was never interrupted
+    straight = run_entry_point(TINY + ["--train-iters", "80", "--lr-decay-iters", "80", "--metrics-jsonl",
+                                       str(tmp_path / "straight.jsonl")], tmp_path, nproc=4, timeout=200)
+    assert straight.returncode == 0, straight.stderr
+    got, want = _losses(metrics), _losses(tmp_path / "straight.jsonl")
+    assert sorted(got) == list(range(1, 81))
+    assert [got[i] for i in range(resumed[0] + 1, 81)] == [want[i] for i in range(resumed[0] + 1, 81)]
