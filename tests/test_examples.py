@@ -14,7 +14,9 @@ from conftest import ROOT
 GPU_SCRIPTS = {
     "pretrain_gpt_345m_1gpu.sh": {},
     "pretrain_gpt_1.3b_tp4_8gpu.sh": {},
-    "pretrain_gpt_1.3b_multinode.sh": {"NNODES": "2", "MASTER_ADDR": "127.0.0.1"},
+    "pretrain_gpt_multinode.sh": {"NNODES": "2", "MASTER_ADDR": "127.0.0.1"},
+    "pretrain_gpt_slurm.sh": {"SLURM_JOB_NODELIST": "gpu-node[07-10],login3", "SLURM_NNODES": "4",
+                              "SLURM_JOB_ID": "4242"},
 }
 
 
@@ -37,6 +39,33 @@ def test_gpu_example_flags_validate(script, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "dry run" in r.stdout.lower(), r.stdout
     assert "Traceback" not in r.stderr
+
+
+def test_slurm_example_meets_at_the_first_node_at_the_job_world_size(tmp_path):
+    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, **_dummy_inputs(tmp_path),
+               **GPU_SCRIPTS["pretrain_gpt_slurm.sh"])
+    for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env["PATH"] = "/usr/bin:/bin:" + os.path.dirname(sys.executable)  # no scontrol: the nodelist is parsed
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples", "pretrain_gpt_slurm.sh")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "world size 32: TP=4 PP=2 DP=4" in r.stdout  # 4 nodes x 8 GPUs / (TP 4 x PP 2)
+    assert "--rdzv-endpoint gpu-node07:29500" in r.stdout and "--rdzv-id 4242" in r.stdout, r.stdout
+    assert "srun --nodes=4 --ntasks-per-node=1" in r.stdout
+
+
+def test_static_multinode_example_needs_node_rank(tmp_path):
+    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, RDZV="static", **_dummy_inputs(tmp_path),
+               **GPU_SCRIPTS["pretrain_gpt_multinode.sh"])
+    env.pop("NODE_RANK", None)
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples", "pretrain_gpt_multinode.sh")], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "NODE_RANK" in r.stderr
+    env["NODE_RANK"] = "1"
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples", "pretrain_gpt_multinode.sh")], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--node-rank 1 --master-addr 127.0.0.1" in r.stdout, r.stderr
 
 
 def test_gpu_example_without_data_path_is_clear(tmp_path):

@@ -51,6 +51,11 @@ def test_two_agents_tp2_dp2_match_one_process(tmp_path):
     a, b = _losses(metrics), _losses(tmp_path / "one.jsonl")
     assert sorted(a) == [1, 2, 3, 4, 5]
     assert [a[i] for i in a] == pytest.approx([b[i] for i in a], rel=1e-5)
+    # the straggler report: every log line carries the step time's spread over the 4 ranks
+    recs = [json.loads(l) for l in open(metrics)]
+    assert all(r["iter_time_min_s"] <= r["iter_time_s"] <= r["iter_time_max_s"] and 0 <= r["slowest_rank"] < 4
+               for r in recs), recs
+    assert "step time over ranks (ms): min" in "".join(o[0] for o in outs)
 
 
 @pytest.mark.timeout(400)

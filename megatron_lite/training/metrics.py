@@ -100,6 +100,9 @@ def format_train_line(rec: dict, train_iters: int) -> str:
               f"TFLOP/s/device: {rec['tflops_per_device']:.3f}"]
     if rec.get("mfu") is not None:
         parts.append(f"MFU: {100 * rec['mfu']:.2f}%")
+    if rec.get("iter_time_max_s") is not None:
+        parts.append(f"step time over ranks (ms): min {rec['iter_time_min_s'] * 1000:.1f} max "
+                     f"{rec['iter_time_max_s'] * 1000:.1f} (slowest rank {rec['slowest_rank']})")
     if rec.get("hardware_tflops_per_device") not in (None, rec["tflops_per_device"]):
         # Only differs with activation recompute; then show what the hardware really ran too.
         parts.append(f"hardware TFLOP/s/device: {rec['hardware_tflops_per_device']:.3f}")

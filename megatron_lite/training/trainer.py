@@ -258,7 +258,18 @@ class Trainer:
         return None if losses[0] is None else sum(losses) / len(losses)
 
     # ---- the loop ---------------------------------------------------------------------------
-    def _log_training(self, window: dict, iter_time_s: float, lr: float, grad_norm, num_zeros, skipped: bool):
+    def _step_time_spread(self, iter_time_s: float) -> dict:
+        """Min / max of the per-iteration time over all ranks, and the slowest rank: a slow node shows."""
+        if self.pstate.world_size == 1 or not dist.is_initialized():
+            return {}
+        times = torch.zeros(self.pstate.world_size, dtype=torch.float64, device=self.pstate.device)
+        times[self.pstate.rank] = iter_time_s
+        dist.all_reduce(times)
+        return {"iter_time_min_s": float(times.min()), "iter_time_max_s": float(times.max()),
+                "slowest_rank": int(times.argmax())}
+
+    def _log_training(self, window: dict, iter_time_s: float, lr: float, grad_norm, num_zeros, skipped: bool,
+                      spread: Optional[dict] = None):
         t, m = self.cfg.train, self.cfg.model
         counted = window["iters"] - window["skipped"] - window["nan"]
         lm_loss = window["loss_sum"] / counted if counted > 0 else None
@@ -268,7 +279,7 @@ class Trainer:
                **throughput(iter_time_s, t.global_batch_size, m.seq_length, self.flops_per_batch,
                             self.pstate.world_size, t.peak_tflops, self.hardware_flops_per_batch),
                "global_batch_size": t.global_batch_size, "num_zeros": num_zeros,
-               "skipped_iters": window["skipped"], "nan_iters": window["nan"],
+               "skipped_iters": window["skipped"], "nan_iters": window["nan"], **(spread or {}),
                **memory_stats(self.pstate.device)}
         print(format_train_line(rec, t.train_iters), flush=True)
         if self.writer is not None:
@@ -342,8 +353,9 @@ class Trainer:
             if self.iteration % t.log_interval == 0:
                 timer.stop()
                 iter_time = timer.reset() / window["iters"]
+                spread = self._step_time_spread(iter_time)  # every rank takes part
                 if ps.is_logging_rank:
-                    self._log_training(window, iter_time, lr, grad_norm, num_zeros, not ok)
+                    self._log_training(window, iter_time, lr, grad_norm, num_zeros, not ok, spread)
                 window = _new_log_window()
                 timer.start()
             if self.valid_ds is not None and self.iteration % t.eval_interval == 0:
