@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Callable
 
-from megatron_lite.errors import ConfigError, UserError
+from megatron_lite.errors import ConfigError, RankStalledError, UserError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -99,6 +99,9 @@ def report(e: BaseException, *, usage_status: int = EXIT_FAILURE,
     rank = int(os.environ.get("RANK", "0"))
     multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
     who = f"[rank {rank}] " if multi_rank else ""
+    if isinstance(e, RankStalledError):
+        say_error(who + first_line(e))
+        return EXIT_PEER_LOST
     if multi_rank and is_peer_lost(e):
         say_error(who + _lost_contact_message(e))
         return EXIT_PEER_LOST

@@ -54,3 +54,7 @@ class OutputPathError(UserError, RuntimeError):
 
 class InputError(UserError, ValueError):
     """A tool's input file that is missing, unreadable or malformed."""
+
+
+class RankStalledError(UserError):
+    """A collective timed out because another rank stopped answering (the message names it)."""

@@ -1,6 +1,7 @@
 """Several torchrun agents on 127.0.0.1 as several nodes (c10d rendezvous), and restarts after a kill -9."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,3 +96,44 @@ def test_kill_9_of_a_worker_restarts_the_group_and_resumes_from_the_last_checkpo
     got, want = _losses(metrics), _losses(tmp_path / "straight.jsonl")
     assert sorted(got) == list(range(1, 81))
     assert [got[i] for i in range(resumed[0] + 1, 81)] == [want[i] for i in range(resumed[0] + 1, 81)]
+
+
+STALL_RUNNER = """
+import os, sys, time
+import megatron_lite.training.trainer as trainer_mod
+original = trainer_mod.finalize_model_grads
+calls = {"n": 0}
+def stalled(model_chunks, pstate):
+    calls["n"] += 1
+    if pstate.rank == 1 and calls["n"] == 3:
+        time.sleep(3600)  # the test hook: stuck in Python before the gradient reduction's collectives
+    original(model_chunks, pstate)
+trainer_mod.finalize_model_grads = stalled
+from megatron_lite.pretrain_gpt import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(200)
+def test_a_stalled_rank_makes_every_rank_exit_within_the_timeout_naming_it(tmp_path):
+    runner = tmp_path / "stall.py"
+    runner.write_text(STALL_RUNNER)
+    timeout_s = 6  # --distributed-timeout-minutes 0.1
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
+                           str(free_port()), str(runner), *TINY[:-2], "--train-iters", "10",
+                           "--distributed-timeout-minutes", "0.1"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
+    elapsed = time.time() - start
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert sorted(l.split("]")[0] for l in errors) == ["error: [rank 0", "error: [rank 2", "error: [rank 3"], errors
+    for line in errors:
+        # where each waited: its own collective with rank 1, or one with a rank that waits on rank 1
+        assert re.search(r"timed out after 0\.1 min \(--distributed-timeout-minutes\) in the "
+                         r"(gradient reduction|optimizer step) of iteration 3;", line), line
+        assert line.endswith("stopped answering: rank 1 (last seen at iteration 3, gradient reduction)"), line
+    assert "Traceback" not in proc.stderr.split("error:")[0]
+    # the stalled rank does not keep running: torchrun stops it once the others have failed
+    assert elapsed < timeout_s + 60, elapsed
+    assert subprocess.run(["pgrep", "-f", str(runner)], capture_output=True).returncode == 1

@@ -29,7 +29,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_lite.cli import is_peer_lost
 from megatron_lite.config import Config, pad_vocab_size, validate
+from megatron_lite.errors import RankStalledError
 from megatron_lite.distributed.data_parallel import DistributedDataParallel, describe_buckets
 from megatron_lite.distributed.finalize_grads import finalize_model_grads
 from megatron_lite.model.memory import format_weight_memory, weight_memory
@@ -38,6 +40,7 @@ from megatron_lite.optim.lr_schedule import build_lr_scheduler
 from megatron_lite.optim.optimizer import build_optimizer
 from megatron_lite.parallel.params import param_is_duplicate
 from megatron_lite.training.batch import build_data_iterators
+from megatron_lite.training.heartbeat import Heartbeat
 from megatron_lite.training.metrics import (MetricsWriter, OutputPathError, Timer, format_eval_line,
                                             format_train_line, memory_stats, perplexity, throughput)
 
@@ -156,6 +159,7 @@ class Trainer:
         self.hardware_flops_per_batch = num_floating_point_operations(m, t.global_batch_size,
                                                                       recomputed_layer_count(cfg))
         self.iteration, self.consumed_samples, self.consumed_valid_samples = 0, 0, 0
+        self.heartbeat = Heartbeat(pstate, cfg.parallel.distributed_timeout_minutes)
         if t.load:
             self._load()
         self.train_ds, self.valid_ds, self.test_ds = datasets_provider(cfg, self.tokenizer,
@@ -195,8 +199,9 @@ class Trainer:
 
         started = time.time()
         try:
-            path = save_checkpoint(self.cfg.train.save, self.iteration, self.model, self.optimizer,
-                                   self.lr_scheduler, self.consumed_samples, self.cfg.to_dict(), self.pstate)
+            with self.heartbeat.phase("checkpoint save"):
+                path = save_checkpoint(self.cfg.train.save, self.iteration, self.model, self.optimizer,
+                                       self.lr_scheduler, self.consumed_samples, self.cfg.to_dict(), self.pstate)
         except OSError as e:  # validate() probed --save, but a disk can fill up or a mount go away
             where = e.filename or self.cfg.train.save
             raise OutputPathError(f"--save: cannot write the checkpoint of iteration {self.iteration} to "
@@ -233,9 +238,13 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]
-        loss_dicts = self._run_schedule(self.train_ds, self.consumed_samples, False, "train")
-        finalize_model_grads(self.model, self.pstate)
-        ok, grad_norm, num_zeros = self.optimizer.step()
+        self.heartbeat.beat(self.iteration + 1)
+        with self.heartbeat.phase("forward-backward schedule"):
+            loss_dicts = self._run_schedule(self.train_ds, self.consumed_samples, False, "train")
+        with self.heartbeat.phase("gradient reduction"):
+            finalize_model_grads(self.model, self.pstate)
+        with self.heartbeat.phase("optimizer step"):
+            ok, grad_norm, num_zeros = self.optimizer.step()
         if ok:
             self.lr_scheduler.step(1)
         self.iteration += 1
@@ -286,7 +295,8 @@ class Trainer:
             self.writer.write(rec)
 
     def _evaluate_and_log(self, dataset, split: str, summary: TrainSummary) -> None:
-        loss = self.evaluate(dataset, split)  # every rank runs the schedule; the last stage has the loss
+        with self.heartbeat.phase(f"{split} evaluation"):
+            loss = self.evaluate(dataset, split)  # every rank runs the schedule; the last stage has the loss
         if loss is not None and self.pstate.is_logging_rank:
             self._log_eval(loss, split, summary)
 
@@ -416,5 +426,10 @@ def pretrain(cfg: Config, datasets_provider: DatasetsProvider, model_provider: M
     trainer = Trainer(cfg, pstate, datasets_provider, model_provider, forward_step_func)
     try:
         return trainer.train()
+    except Exception as e:  # noqa: BLE001 - only a timeout is turned into a better message
+        if is_peer_lost(e) and "timed out" in f"{e} {e.__cause__}".lower():
+            # Say where this rank waited and which rank stopped answering, not just "timed out".
+            raise RankStalledError(trainer.heartbeat.describe_stall()) from None
+        raise
     finally:
         trainer.close()
