@@ -61,6 +61,7 @@ def test_benchmark_preprocess(tmp_path, shared_data):
     assert {row["path"] for row in d["rows"]} == {"fast", "python"}
 
 
+@pytest.mark.slow  # eight torchrun launches (~40 s); tests/test_data_parallel.py proves the same figures
 def test_benchmark_data_parallel(tmp_path):
     out = tmp_path / "dp.json"
     proc = subprocess.run([sys.executable, "benchmarks/benchmark_data_parallel.py", "--num-layers", "2",
@@ -86,3 +87,13 @@ def test_benchmark_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 10 and all(r["seconds"] > 0 and r["mib"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # three kill -9 restarts of a 4-process job
+def test_benchmark_restart(tmp_path):
+    out = tmp_path / "restart.json"
+    proc = subprocess.run([sys.executable, "benchmarks/benchmark_restart.py", "--trials", "1", "--train-iters", "60",
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (trial,) = json.loads(out.read_text())["trials"]
+    assert 0 <= trial["iterations_lost"] <= 10 and trial["seconds_to_first_resumed_iteration"] > 0

@@ -64,7 +64,7 @@ def test_kill_9_of_a_worker_restarts_the_group_and_resumes_from_the_last_checkpo
     from megatron_lite.training import checkpoint as ckpt
 
     root, metrics = str(tmp_path / "ckpt"), str(tmp_path / "run.jsonl")
-    run = TINY + ["--train-iters", "80", "--lr-decay-iters", "80", "--save", root, "--load", root,
+    run = TINY + ["--train-iters", "40", "--lr-decay-iters", "40", "--save", root, "--load", root,
                   "--save-interval", "5"]
     agents = _agents(run + ["--metrics-jsonl", metrics], tmp_path, max_restarts=1)
     deadline = time.time() + 180
@@ -83,19 +83,19 @@ def test_kill_9_of_a_worker_restarts_the_group_and_resumes_from_the_last_checkpo
     assert len(resumed) == 1 and killed_at - 5 <= resumed[0] <= killed_at + 5, (resumed, killed_at)
     assert resumed[0] % 5 == 0  # iterations lost: at most the save interval
     # every saved checkpoint is complete
-    assert ckpt.read_latest_iteration(root) == 80
+    assert ckpt.read_latest_iteration(root) == 40
     for d in sorted(os.listdir(root)):
         if d.startswith("iter_"):
             assert not d.endswith((ckpt.STAGING_SUFFIX, ckpt.REPLACED_SUFFIX)), d
             for shard in os.listdir(os.path.join(root, d)):
                 ckpt.read_shard(os.path.join(root, d, shard, "model_optim_rng.pt"))
     # the losses after the restart are those of a run that was never interrupted
-    straight = run_entry_point(TINY + ["--train-iters", "80", "--lr-decay-iters", "80", "--metrics-jsonl",
+    straight = run_entry_point(TINY + ["--train-iters", "40", "--lr-decay-iters", "40", "--metrics-jsonl",
                                        str(tmp_path / "straight.jsonl")], tmp_path, nproc=4, timeout=200)
     assert straight.returncode == 0, straight.stderr
     got, want = _losses(metrics), _losses(tmp_path / "straight.jsonl")
-    assert sorted(got) == list(range(1, 81))
-    assert [got[i] for i in range(resumed[0] + 1, 81)] == [want[i] for i in range(resumed[0] + 1, 81)]
+    assert sorted(got) == list(range(1, 41))
+    assert [got[i] for i in range(resumed[0] + 1, 41)] == [want[i] for i in range(resumed[0] + 1, 41)]
 
 
 STALL_RUNNER = """
