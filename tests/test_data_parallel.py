@@ -46,16 +46,20 @@ def _train(rank, world, variants):
     out = {}
     for name, extra in variants.items():
         summary = pretrain_gpt(parse_args(BASE + extra), world_size=world)
+        out[name] = {"state_bytes": summary.optimizer_state_bytes}  # every rank's own
         if get_parallel_state().is_logging_rank:
-            out[name] = {"losses": summary.losses, "grad_norms": summary.grad_norms,
-                         "skipped": summary.skipped_iters}
+            out[name].update(losses=summary.losses, grad_norms=summary.grad_norms, skipped=summary.skipped_iters)
     return out
 
 
 def _curves(world, variants, timeout):
+    """name -> the logging rank's curves, plus "state_bytes": every rank's optimizer state, by rank."""
     merged = {}
     for r in run_distributed(_train, world, args=(variants,), timeout=timeout):
-        merged.update(r)
+        for name, got in r.items():
+            entry = merged.setdefault(name, {"state_bytes": []})
+            entry["state_bytes"].append(got.pop("state_bytes"))
+            entry.update(got)
     return merged
 
 
@@ -85,9 +89,26 @@ WORLD_4 = {
 }
 
 
-@pytest.mark.timeout(300)
-def test_two_and_four_ranks_match_single_process(single):
-    curves = {**_curves(2, WORLD_2, 200), **_curves(4, WORLD_4, 280)}
+FP16 = ["--fp16", "--initial-loss-scale", "1024"]
+HALF_4 = {"bf16_dp4_zero": ["--bf16"] + ZERO + OVERLAP,
+          "bf16_tp2_dp2": ["--bf16"] + tp(2),
+          "fp16_dp4_zero": FP16 + ZERO,
+          "fp16_pp2_dp2_zero": FP16 + pp(2) + ZERO + OVERLAP}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return _curves(2, WORLD_2, 200)
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return _curves(4, {**WORLD_4, **HALF_4}, 400)
+
+
+@pytest.mark.timeout(600)
+def test_two_and_four_ranks_match_single_process(single, two_ranks, four_ranks):
+    curves = {**two_ranks, **{k: v for k, v in four_ranks.items() if k in WORLD_4}}
     assert set(curves) == set(WORLD_2) | set(WORLD_4)
     for name, got in curves.items():
         _close(got, single["fp32_4layers" if name.endswith("4layers") else "fp32"], 1e-5)
@@ -100,12 +121,8 @@ def test_eight_ranks_tp2_pp2_dp2_match_single_process(single):
 
 
 @pytest.mark.timeout(300)
-def test_half_precision_agrees_with_fp32_and_across_layouts(single):
-    fp16 = ["--fp16", "--initial-loss-scale", "1024"]
-    curves = _curves(4, {"bf16_dp4_zero": ["--bf16"] + ZERO + OVERLAP,
-                         "bf16_tp2_dp2": ["--bf16"] + tp(2),
-                         "fp16_dp4_zero": fp16 + ZERO,
-                         "fp16_pp2_dp2_zero": fp16 + pp(2) + ZERO + OVERLAP}, 280)
+def test_half_precision_agrees_with_fp32_and_across_layouts(single, four_ranks):
+    curves = {k: v for k, v in four_ranks.items() if k in HALF_4}
     for precision in ("bf16", "fp16"):
         _close(single[precision], single["fp32"], 1e-2)
         for name, got in curves.items():
@@ -206,28 +223,18 @@ def test_first_bucket_reduces_before_the_last_backward_ends():
 
 
 # ---- ZeRO-1 memory -----------------------------------------------------------------------------------
-def _state_bytes(rank, world, variants):
-    from megatron_lite.config import parse_args
-    from megatron_lite.pretrain_gpt import pretrain_gpt
-
-    return {name: pretrain_gpt(parse_args(BASE + ["--train-iters", "1"] + extra), world_size=world).optimizer_state_bytes
-            for name, extra in variants.items()}
-
-
-@pytest.mark.timeout(200)
-def test_zero1_optimizer_state_is_one_over_dp_per_rank():
-    variants = {"fp32": ZERO, "bf16": ZERO + ["--bf16"]}
-    full = run_distributed(_state_bytes, 1, args=({"fp32": [], "bf16": ["--bf16"]},), timeout=60)[0]
+def test_zero1_optimizer_state_is_one_over_dp_per_rank(single, two_ranks, four_ranks):
     numel = 117_504  # parameters of the BASE model
+    full = {p: single[p]["state_bytes"][0] for p in ("fp32", "bf16")}
     assert full["fp32"] == numel * 8 and full["bf16"] == numel * 12  # Adam moments (+ fp32 masters)
-    for dp in (2, 4):
-        ranks = run_distributed(_state_bytes, dp, args=(variants,), timeout=180)
-        for name in variants:
-            per_rank = [r[name] for r in ranks]
-            # each element is owned by exactly one DP rank: the slices add up to the unsharded state
-            assert sum(per_rank) == full[name], (dp, name, per_rank)
-            # and each is 1/DP of it, give or take the alignment padding that falls into a slice
-            assert max(abs(b - full[name] / dp) for b in per_rank) <= 0.05 * full[name] / dp, (dp, name, per_rank)
+    for dp, precision, per_rank in ((2, "fp32", two_ranks["dp2_zero"]["state_bytes"]),
+                                    (4, "fp32", four_ranks["dp4_zero_overlap"]["state_bytes"]),
+                                    (4, "bf16", four_ranks["bf16_dp4_zero"]["state_bytes"])):
+        assert two_ranks["dp2"]["state_bytes"] == [full["fp32"]] * 2  # without ZeRO-1: all of it on each rank
+        # each element is owned by exactly one DP rank: the slices add up to the unsharded state
+        assert sum(per_rank) == full[precision], (dp, precision, per_rank)
+        # and each is 1/DP of it, give or take the alignment padding that falls into a slice
+        assert max(abs(b - full[precision] / dp) for b in per_rank) <= 0.05 * full[precision] / dp, per_rank
 
 
 # ---- resume with ZeRO-1 ------------------------------------------------------------------------------
@@ -316,10 +323,10 @@ def _parity(args, tmp_path, timeout):
 
 @pytest.mark.timeout(300)
 def test_parity_tool_runs_layouts_through_torchrun(tmp_path):
-    proc, report = _parity(["--layouts", "tp1pp1dp2+zero+overlap,tp2pp1dp1", "--train-iters", "3"], tmp_path, 280)
+    proc, report = _parity(["--layouts", "tp2pp1dp1+zero+overlap", "--train-iters", "3"], tmp_path, 280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "tp1pp1dp2+zero+overlap" in proc.stdout and "PASS" in proc.stdout
-    assert [r["layout"] for r in report["runs"]] == ["tp1pp1dp2+zero+overlap", "tp2pp1dp1"]
+    assert "tp2pp1dp1+zero+overlap" in proc.stdout and "PASS" in proc.stdout
+    assert [r["layout"] for r in report["runs"]] == ["tp2pp1dp1+zero+overlap"]
     for r in report["runs"]:
         assert r["passed"] and len(r["losses"]) == 3 and r["max_rel_loss"] <= 1e-5
     # a bad layout is one error line, before anything runs

@@ -85,10 +85,12 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, 
             ckpt.read_shard(os.path.join(dirpath, f))
     if os.path.isdir(os.path.join(root, "iter_0000004")):  # renamed in only when complete
         ckpt.read_shard(os.path.join(root, "iter_0000004", "mp_rank_00", "model_optim_rng.pt"))
+    if point != "during_shard_write":
+        return  # one full resume below is enough: the checks above are what differs between the points
     out = run_entry_point(TINY + ["--train-iters", "4", "--load", root, "--save", root], tmp_path)
     assert out.returncode == 0, out.stderr
     assert f"> loaded checkpoint from {root} at iteration 2" in out.stdout
-    assert ckpt.read_latest_iteration(root) == 4  # the next save replaces any leftover staging directory
+    assert ckpt.read_latest_iteration(root) == 4  # the next save replaces the leftover staging directory
     assert not any(d.endswith(ckpt.STAGING_SUFFIX) for d in os.listdir(root))
 
 
