@@ -114,6 +114,7 @@ def test_two_and_four_ranks_match_single_process(single, two_ranks, four_ranks):
         _close(got, single["fp32_4layers" if name.endswith("4layers") else "fp32"], 1e-5)
 
 
+@pytest.mark.slow  # 21 s; the default run keeps under 15 minutes; the sweep below also covers 8 ranks
 @pytest.mark.timeout(300)
 def test_eight_ranks_tp2_pp2_dp2_match_single_process(single):
     curves = _curves(8, {"tp2_pp2_dp2_zero_overlap": tp(2) + pp(2) + ZERO + OVERLAP + GATHER}, 280)
