@@ -93,3 +93,11 @@ def run_entry_point(args, cwd, nproc=None, timeout=120):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), "-m", "megatron_lite.pretrain_gpt"] + args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(cwd), env=env)
+
+
+def metrics_losses(path):
+    """Iteration -> training loss from a --metrics-jsonl file; a restarted run appends, and its (last)
+    record of an iteration counts."""
+    import json
+    with open(path) as f:
+        return {r["iteration"]: r["lm_loss"] for r in map(json.loads, f) if "split" not in r}

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from dist_helpers import run_entry_point
+from dist_helpers import metrics_losses as _losses, run_entry_point
 from megatron_lite.parallel.state import free_port
 
 TINY = ["--mock-data", "--vocab-size", "128", "--make-vocab-size-divisible-by", "64", "--num-layers", "2",
@@ -33,12 +33,6 @@ def _agents(args, tmp_path, max_restarts=0, nodes=2):
 def _wait(agents, timeout=240):
     outs = [a.communicate(timeout=timeout) for a in agents]
     return [a.returncode for a in agents], outs
-
-
-def _losses(path):
-    """Iteration -> loss; a restarted run appends, and its (last) record of an iteration counts."""
-    with open(path) as f:
-        return {r["iteration"]: r["lm_loss"] for r in map(json.loads, f) if "split" not in r}
 
 
 @pytest.mark.timeout(300)

@@ -1,6 +1,5 @@
 """Saves that survive: kill -9 at any moment of a save leaves the tracker naming a complete
 checkpoint; SIGTERM under torchrun (--exit-signal-handler) saves once, exits 0, and resumes exactly."""
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from dist_helpers import run_entry_point
+from dist_helpers import metrics_losses as _losses, run_entry_point
 from megatron_lite.parallel.state import free_port
 
 TINY = ["--mock-data", "--vocab-size", "128", "--make-vocab-size-divisible-by", "64", "--num-layers", "2",
@@ -92,11 +91,6 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, 
     assert f"> loaded checkpoint from {root} at iteration 2" in out.stdout
     assert ckpt.read_latest_iteration(root) == 4  # the next save replaces the leftover staging directory
     assert not any(d.endswith(ckpt.STAGING_SUFFIX) for d in os.listdir(root))
-
-
-def _losses(path):
-    with open(path) as f:
-        return {r["iteration"]: r["lm_loss"] for r in map(json.loads, f) if "split" not in r}
 
 
 @pytest.mark.timeout(300)
