@@ -56,13 +56,13 @@ class DistributedDataParallel(torch.nn.Module):
             if p.requires_grad:
                 grad_dtype = torch.float32 if ddp_config.grad_reduce_in_fp32 else p.dtype
                 by_dtype.setdefault((p.dtype, grad_dtype), []).append(p)
-        self.buffers_: List[ParamAndGradBuffer] = [
+        self.grad_buffers: List[ParamAndGradBuffer] = [
             ParamAndGradBuffer(ps, grad_dtype, dp, bucket_size, ddp_config.use_distributed_optimizer)
             for (_, grad_dtype), ps in by_dtype.items()]
-        self._buffer_of: Dict[int, ParamAndGradBuffer] = {id(p): buf for buf in self.buffers_ for p in buf.params}
+        self._buffer_of: Dict[int, ParamAndGradBuffer] = {id(p): buf for buf in self.grad_buffers for p in buf.params}
         self.is_last_microbatch = True
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_accumulated)
-                       for buf in self.buffers_ for p in buf.params]
+                       for buf in self.grad_buffers for p in buf.params]
         if ddp_config.overlap_param_gather:
             self._hooks += [m.register_forward_pre_hook(self._wait_for_params) for m in module.modules()]
 
@@ -77,15 +77,15 @@ class DistributedDataParallel(torch.nn.Module):
             self.is_last_microbatch = True
 
     def zero_grad_buffer(self) -> None:
-        for buf in self.buffers_:
+        for buf in self.grad_buffers:
             buf.reset()
-        for buf in self.buffers_:
+        for buf in self.grad_buffers:
             for p in buf.params:
                 p.grad = None
 
     def start_grad_sync(self) -> None:
         """Launch every bucket's reduction not launched yet."""
-        for buf in self.buffers_:
+        for buf in self.grad_buffers:
             for b in buf.buckets:
                 if b.grad_handle is None:
                     self._launch(buf, b)
@@ -93,7 +93,7 @@ class DistributedDataParallel(torch.nn.Module):
     def finish_grad_sync(self) -> None:
         """Wait until every bucket is reduced (launching those the hooks did not)."""
         self.start_grad_sync()
-        for buf in self.buffers_:
+        for buf in self.grad_buffers:
             for b in buf.buckets:
                 if b.grad_handle is not None and b.grad_handle is not True:
                     b.grad_handle.wait()
@@ -102,20 +102,16 @@ class DistributedDataParallel(torch.nn.Module):
     def start_param_sync(self, async_op: bool) -> None:
         """ZeRO-1: all-gather the updated parameter slices (asynchronously with overlap_param_gather)."""
         ps = self.pstate
-        for buf in self.buffers_:
+        for buf in self.grad_buffers:
             for b in buf.buckets:
                 b.param_handle = launch_param_gather(b, ps.dp_group, ps.dp_size, ps.dp_rank, async_op)
 
     def finish_param_sync(self) -> None:
-        for buf in self.buffers_:
+        for buf in self.grad_buffers:
             for b in buf.buckets:
                 if b.param_handle is not None:
                     b.param_handle.wait()
                     b.param_handle = None
-
-    @property
-    def grad_buffers(self) -> List[ParamAndGradBuffer]:
-        return self.buffers_
 
     # ---- hooks --------------------------------------------------------------------------------
     def _grad_accumulated(self, param: torch.nn.Parameter) -> None:

@@ -112,12 +112,6 @@ class DistributedOptimizer(MegatronOptimizer):
         for chunk in self.model_chunks:
             chunk.start_param_sync(async_op=self.overlap_param_gather)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
-        for chunk in self.model_chunks:
-            for p in chunk.parameters():
-                p.grad = None
-
     def finish_param_sync(self) -> None:
         for chunk in self.model_chunks:
             chunk.finish_param_sync()

@@ -50,6 +50,7 @@ class Source:
     files: Dict[Tuple[int, int], str]
     _states: Dict[Tuple[int, int], dict] = field(default_factory=dict)
     _slices: Dict[Tuple[int, int], Dict[int, List[dict]]] = field(default_factory=dict)
+    _indices: Dict[Tuple[int, int], Dict[Tuple[str, str], int]] = field(default_factory=dict)
     where: Dict[str, Tuple[int, str, str, dict]] = field(default_factory=dict)  # global -> (pp, key, local, meta)
 
     @classmethod
@@ -125,11 +126,11 @@ class Source:
         weight = state[key][local]
         if kind == "weight":
             return weight
-        index = state["optimizer_params"].index([key, local])
+        index = self._optimizer_index(t, p)[(key, local)]
         opt = state["optimizer"]
         if "distributed" in opt:
             entries = self._slices_of(t, p).get(index, [])
-            if kind == "master" and not entries or kind == "master" and "master" not in entries[0]:
+            if kind == "master" and not (entries and "master" in entries[0]):
                 return weight.float()  # an fp32 model's masters are its weights
             from megatron_lite.distributed.distrib_optimizer import _assemble  # the loader's own rule
             return _assemble(entries, kind, 0, weight.numel(), index).view(weight.shape)
@@ -139,6 +140,12 @@ class Source:
                 return weight.float()
             return [m for group in masters for m in group][index]
         return opt["optimizer"]["state"][index][kind]
+
+    def _optimizer_index(self, t: int, p: int) -> Dict[Tuple[str, str], int]:
+        """(model key, tensor name) -> optimizer index of one rank's file (built once per file)."""
+        if (t, p) not in self._indices:
+            self._indices[(t, p)] = {(k, n): i for i, (k, n) in enumerate(self.state(t, p)["optimizer_params"])}
+        return self._indices[(t, p)]
 
     def _slices_of(self, t: int, p: int) -> Dict[int, List[dict]]:
         if (t, p) not in self._slices:
