@@ -144,15 +144,13 @@ def test_bad_conversions_are_one_line(trained, tmp_path):
 
 # ---- HuggingFace ----------------------------------------------------------------------------------
 def _our_logits_and_greedy(rank, world, load_dir, ids, steps):
-    from megatron_lite.inference.generation import full_logits, next_token
+    from megatron_lite.inference.generation import full_logits, generate
     from megatron_lite.inference.loading import load_for_inference
 
     model = load_for_inference(load_dir)
     logits = full_logits(model, ids)
-    out = list(ids)
-    for _ in range(steps):
-        out.append(next_token(model, out, model.cfg.model.vocab_size))
-    return {"logits": logits[:, :model.cfg.model.vocab_size].clone(), "greedy": out[len(ids):]}
+    greedy = generate(model, [ids], steps)[0].generated if steps else []
+    return {"logits": logits[:, :model.cfg.model.vocab_size].clone(), "greedy": greedy}
 
 
 @pytest.mark.timeout(300)

@@ -59,6 +59,9 @@ def load_for_inference(load_dir: str, device: Optional[str] = None, vocab_size: 
                                  virtual_pipeline=cfg.virtual_pipeline_size(), timeout_minutes=timeout_minutes)
     pstate.device_type = device
     m.hidden_dropout = m.attention_dropout = 0.0
+    # Decoding feeds one position at a time, which cannot be split over TP ranks; neither changes weights.
+    m.sequence_parallel = False
+    m.recompute_granularity = None
     if m.padded_vocab_size is None:
         if m.vocab_size is None and vocab_size is None:
             raise CheckpointError(f"--load {load_dir}: the saved config has no vocabulary size")
@@ -69,3 +72,16 @@ def load_for_inference(load_dir: str, device: Optional[str] = None, vocab_size: 
     for c in chunks:
         c.eval()
     return InferenceModel(chunks, cfg, pstate, info["iteration"])
+
+
+def load_with_tokenizer(load_dir: str, vocab_file: Optional[str] = None, merge_file: Optional[str] = None,
+                        device: Optional[str] = None):
+    """(InferenceModel, tokenizer) for a tool: the tokenizer the checkpoint was trained with unless
+    ``vocab_file``/``merge_file`` override it."""
+    from megatron_lite.data.tokenizer import build_tokenizer
+
+    cfg = saved_config(load_dir)
+    d, m = cfg.data, cfg.model
+    tok = build_tokenizer(d.tokenizer_type, vocab_file or d.vocab_file, merge_file or d.merge_file,
+                          d.tokenizer_model, m.vocab_size)
+    return load_for_inference(load_dir, device=device, vocab_size=tok.vocab_size, cfg=cfg), tok

@@ -201,8 +201,11 @@ class ParallelAttention(nn.Module):
             projection, config.hidden_size, bias=True, input_is_parallel=True,
             init_method=seeded_init(seed, f"{prefix}.dense.weight", output_init_std(config)), **common)
         self.recompute_core_attention = config.recompute_granularity == "selective"
+        self.layer_number = int(prefix.split(".")[2])  # decoder.layers.<global index>.self_attention
 
-    def forward(self, x, attention_mask=None, rotary_pos_emb=None) -> torch.Tensor:
+    def forward(self, x, attention_mask=None, rotary_pos_emb=None, kv_cache=None) -> torch.Tensor:
+        """``kv_cache`` (inference/kv_cache.py): ``x`` holds only the new positions; their keys and
+        values join the cached ones and the queries attend to all of them (causal, bottom-right)."""
         mixed, _ = self.query_key_value(x)  # [s, b, np * 3 * hn]
         s, b = mixed.shape[:2]
         mixed = mixed.view(s, b, self.heads_per_partition, 3 * self.head_dim)
@@ -210,6 +213,8 @@ class ParallelAttention(nn.Module):
         if rotary_pos_emb is not None:
             q = apply_rotary_pos_emb(q, rotary_pos_emb)
             k = apply_rotary_pos_emb(k, rotary_pos_emb)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_number, k, v)
         if self.recompute_core_attention and torch.is_grad_enabled():
             # Selective recompute: the s^2 scores/probs are the big activations, and cheap to redo.
             context = checkpoint(self.core_attention, False, q, k, v, attention_mask, pstate=self.pstate)
@@ -257,8 +262,8 @@ class TransformerLayer(nn.Module):
         self.post_attention_layernorm = layer_norm(config, sequence_parallel, device)
         self.mlp = ParallelMLP(config, f"{prefix}.mlp", seed, sequence_parallel, pstate)
 
-    def forward(self, x, attention_mask=None, rotary_pos_emb=None) -> torch.Tensor:
-        attn = self.self_attention(self.input_layernorm(x), attention_mask, rotary_pos_emb)
+    def forward(self, x, attention_mask=None, rotary_pos_emb=None, kv_cache=None) -> torch.Tensor:
+        attn = self.self_attention(self.input_layernorm(x), attention_mask, rotary_pos_emb, kv_cache)
         x = x + F.dropout(attn, self.hidden_dropout, training=self.training)
         mlp = self.mlp(self.post_attention_layernorm(x))
         return x + F.dropout(mlp, self.hidden_dropout, training=self.training)
@@ -293,10 +298,10 @@ class TransformerBlock(nn.Module):
             raise ValueError("--recompute-granularity full needs --recompute-method uniform|block")
         self.has_dropout = config.hidden_dropout > 0 or config.attention_dropout > 0
 
-    def _run_layers(self, start: int, end: int):
+    def _run_layers(self, start: int, end: int, kv_cache=None):
         def run(hidden, attention_mask, rotary_pos_emb):
             for layer in self.layers[start:end]:
-                hidden = layer(hidden, attention_mask, rotary_pos_emb)
+                hidden = layer(hidden, attention_mask, rotary_pos_emb, kv_cache)
             return hidden
         return run
 
@@ -304,8 +309,11 @@ class TransformerBlock(nn.Module):
         return checkpoint(self._run_layers(start, end), False, hidden, attention_mask, rotary_pos_emb,
                           pstate=self.pstate)
 
-    def forward(self, hidden, attention_mask=None, rotary_pos_emb=None) -> torch.Tensor:
+    def forward(self, hidden, attention_mask=None, rotary_pos_emb=None, kv_cache=None) -> torch.Tensor:
         n = len(self.layers)
+        if kv_cache is not None:  # incremental decoding: no grad, so no recompute and no dropout
+            hidden = self._run_layers(0, n, kv_cache)(hidden, attention_mask, rotary_pos_emb)
+            return hidden if self.final_layernorm is None else self.final_layernorm(hidden)
         # Sequence-parallel activations differ between TP ranks, so their dropout masks must too:
         # the whole stack then draws from the tracker's model-parallel stream (as Megatron does).
         fork = self.sequence_parallel and self.training and self.has_dropout
