@@ -151,10 +151,12 @@ class GPTModel(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, kv_cache=None) -> torch.Tensor:
         """input_ids/position_ids/labels [b, s]; attention_mask None (causal) or bool [b|1, 1, s, s]
         with True = masked. Returns the per-token fp32 loss [b, s] (last stage, labels given),
-        vocab-parallel logits [b, s, V/tp] (last stage), or hidden states [s(/tp), b, h]."""
+        vocab-parallel logits [b, s, V/tp] (last stage), or hidden states [s(/tp), b, h].
+        ``kv_cache`` (inference/kv_cache.py): the inputs are only the positions after the cached
+        ones, and position_ids say where they are."""
         if position_ids is None and input_ids is not None:
             position_ids = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         if self.pre_process:
@@ -171,7 +173,7 @@ class GPTModel(nn.Module):
                 position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
             rotary = self.rotary_pos_emb(position_ids)
 
-        hidden = self.decoder(hidden, attention_mask, rotary)
+        hidden = self.decoder(hidden, attention_mask, rotary, kv_cache)
         if not self.post_process:
             return hidden
         head_weight = None if getattr(self.output_layer, "weight", None) is not None else \
