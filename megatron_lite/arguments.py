@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="(megatron_lite) device peak TFLOP/s for MFU; MFU is reported only when given")
     g.add_argument("--log-num-zeros-in-grad", action="store_true")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="average the loss over the loss tokens of the whole global batch, not per micro-batch")
     g.add_argument("--dry-run", action="store_true",
                    help="(megatron_lite) validate the flags against WORLD_SIZE, print the config, exit")
     return p

@@ -277,6 +277,7 @@ class TrainConfig:
     metrics_jsonl: Optional[str] = None
     peak_tflops: Optional[float] = None
     log_num_zeros_in_grad: bool = False
+    calculate_per_token_loss: bool = False  # loss = sum / loss tokens of the global batch (training/token_loss.py)
     dry_run: bool = False
 
     def check(self, dp: int) -> None:

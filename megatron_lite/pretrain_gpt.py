@@ -31,28 +31,40 @@ def datasets_provider(cfg, tokenizer, train_valid_test_num_samples: Sequence[int
                                       train_valid_test_num_samples, vocab_size=cfg.model.vocab_size)
 
 
-def loss_func(loss_mask, output_tensor):
-    """Mean of the per-token losses over the tokens the mask keeps (Megatron's GPT loss)."""
+def loss_func(loss_mask, output_tensor, per_token_loss: bool = False):
+    """Mean of the per-token losses over the tokens the mask keeps (Megatron's GPT loss); with
+    ``per_token_loss`` (--calculate-per-token-loss) their sum and count, which the trainer
+    normalises over the global batch (training/token_loss.py)."""
     import torch
 
+    if per_token_loss:
+        from megatron_lite.training.token_loss import token_sum_loss
+        return token_sum_loss(output_tensor, loss_mask)
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.reshape(-1).float()
     loss = torch.sum(losses * mask) / mask.sum().clamp(min=1.0)
     return loss, {"lm loss": loss.detach()}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, per_token_loss: bool = False):
     """One micro-batch through this stage; on the last stage the per-token loss, masked in loss_func."""
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-    return output, functools.partial(loss_func, batch["loss_mask"])
+    return output, functools.partial(loss_func, batch["loss_mask"], per_token_loss=per_token_loss)
+
+
+def forward_step_for(cfg):
+    """The forward step for ``cfg``'s loss normalisation."""
+    if cfg.train.calculate_per_token_loss:
+        return functools.partial(forward_step, per_token_loss=True)
+    return forward_step
 
 
 def pretrain_gpt(cfg, world_size: Optional[int] = None):
     """Run GPT pretraining for ``cfg``; returns the trainer's summary."""
     from megatron_lite.training.trainer import pretrain
 
-    return pretrain(cfg, datasets_provider, model_provider, forward_step, world_size=world_size)
+    return pretrain(cfg, datasets_provider, model_provider, forward_step_for(cfg), world_size=world_size)
 
 
 def dry_run(cfg) -> int:

@@ -30,17 +30,19 @@ def microbatch_sample_indices(consumed_samples: int, micro_batch_size: int, dp_r
 
 
 def samples_to_batch(texts: torch.Tensor, eod: int, model_cfg, device,
-                     sample_loss_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                     sample_loss_mask: Optional[torch.Tensor] = None,
+                     sample_labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """[b, s+1] token ids -> inputs, shifted labels, loss mask, position ids, attention mask.
 
     ``sample_loss_mask`` [b, s] (aligned with the labels) is the samples' own mask, when the dataset
     gives one (SFT masks the prompt): it replaces the all-ones default and is combined with the
-    EOD mask when --eod-mask-loss is on.
+    EOD mask when --eod-mask-loss is on. ``sample_labels`` [b, s]: targets that are not the next
+    token (classification puts the class id at the last text token), replacing the shifted ids.
     """
     from megatron_lite.model.masks import get_ltor_masks_and_position_ids
 
     tokens = texts[:, :-1].contiguous()
-    labels = texts[:, 1:].contiguous()
+    labels = texts[:, 1:].contiguous() if sample_labels is None else sample_labels.long()
     attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
         tokens, eod, model_cfg.reset_position_ids, model_cfg.reset_attention_mask, model_cfg.eod_mask_loss)
     if sample_loss_mask is not None:
@@ -75,10 +77,12 @@ class MicroBatchIterator:
                 "raise the sample count the dataset is built for or train fewer iterations")
         samples = [self.dataset[i] for i in idx]
         texts = np.stack([np.asarray(s["text"], dtype=np.int64) for s in samples])
-        mask = None
+        mask = labels = None
         if "loss_mask" in samples[0]:
             mask = torch.from_numpy(np.stack([np.asarray(s["loss_mask"], dtype=np.float32) for s in samples]))
-        return samples_to_batch(torch.from_numpy(texts), self.eod, self.model_cfg, self.device, mask)
+        if "labels" in samples[0]:
+            labels = torch.from_numpy(np.stack([np.asarray(s["labels"], dtype=np.int64) for s in samples]))
+        return samples_to_batch(torch.from_numpy(texts), self.eod, self.model_cfg, self.device, mask, labels)
 
 
 def build_data_iterators(dataset, consumed_samples: int, micro_batch_size: int, num_microbatches: int,

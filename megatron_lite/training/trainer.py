@@ -41,6 +41,7 @@ from megatron_lite.optim.optimizer import build_optimizer
 from megatron_lite.parallel.params import param_is_duplicate
 from megatron_lite.training.batch import build_data_iterators
 from megatron_lite.training.heartbeat import Heartbeat
+from megatron_lite.training.token_loss import reduce_token_loss, scale_to_token_mean
 from megatron_lite.training.metrics import (MetricsWriter, OutputPathError, Timer, format_eval_line,
                                             format_train_line, memory_stats, perplexity, throughput)
 
@@ -223,7 +224,10 @@ class Trainer:
             sequence_parallel=m.sequence_parallel)
 
     def _reduce_loss(self, loss_dicts: List[dict]) -> Optional[float]:
-        """Mean over micro-batches, then over DP replicas; None off the last pipeline stage."""
+        """Mean over micro-batches, then over DP replicas (with --calculate-per-token-loss: over the
+        global batch's loss tokens); None off the last pipeline stage."""
+        if self.cfg.train.calculate_per_token_loss:
+            return reduce_token_loss(loss_dicts, self.pstate)
         if not self.pstate.is_pipeline_last_stage():
             return None
         value = torch.stack([reported_loss(d).float() for d in loss_dicts]).mean().reshape(1)
@@ -243,6 +247,8 @@ class Trainer:
             loss_dicts = self._run_schedule(self.train_ds, self.consumed_samples, False, "train")
         with self.heartbeat.phase("gradient reduction"):
             finalize_model_grads(self.model, self.pstate)
+            if self.cfg.train.calculate_per_token_loss:
+                scale_to_token_mean(self.model, loss_dicts, self.num_microbatches, self.pstate)
         with self.heartbeat.phase("optimizer step"):
             ok, grad_norm, num_zeros = self.optimizer.step()
         if ok:
@@ -412,9 +418,12 @@ class Trainer:
 
 
 def pretrain(cfg: Config, datasets_provider: DatasetsProvider, model_provider: ModelProvider,
-             forward_step_func: Callable, world_size: Optional[int] = None) -> TrainSummary:
+             forward_step_func: Callable, world_size: Optional[int] = None,
+             after_training: Optional[Callable] = None) -> TrainSummary:
     """Validate, build the layout and the run, train; returns the summary. Leaves the process group up
-    (the caller may run another layout in the same processes; the entry point tears it down)."""
+    (the caller may run another layout in the same processes; the entry point tears it down).
+    ``after_training(trainer, summary)`` runs on every rank with the trained model (a task's own
+    evaluation, e.g. classification accuracy)."""
     from megatron_lite.parallel.state import initialize_parallel
 
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
@@ -425,7 +434,11 @@ def pretrain(cfg: Config, datasets_provider: DatasetsProvider, model_provider: M
                                  timeout_minutes=par.distributed_timeout_minutes)
     trainer = Trainer(cfg, pstate, datasets_provider, model_provider, forward_step_func)
     try:
-        return trainer.train()
+        summary = trainer.train()
+        if after_training is not None:
+            with trainer.heartbeat.phase("evaluation after training"):
+                after_training(trainer, summary)
+        return summary
     except Exception as e:  # noqa: BLE001 - only a timeout is turned into a better message
         if is_peer_lost(e) and "timed out" in f"{e} {e.__cause__}".lower():
             # Say where this rank waited and which rank stopped answering, not just "timed out".
