@@ -82,7 +82,22 @@ def dry_run(cfg) -> int:
           f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, seq {m.seq_length} "
           f"(~{params / 1e9:.2f}B parameters); micro-batch {t.micro_batch_size}, global batch "
           f"{t.global_batch_size}, {t.train_iters} iterations")
+    print_memory_estimate(cfg)
     return 0
+
+
+def print_memory_estimate(cfg) -> None:
+    """Per-rank memory (weights, gradients, optimizer, activations) and the bubble, against the GPU's memory."""
+    import torch
+
+    from megatron_lite.model.memory import estimate_memory, format_memory_estimate
+
+    device_bytes = name = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device_bytes, name = props.total_memory, props.name
+    for line in format_memory_estimate(estimate_memory(cfg, "cuda"), device_bytes, name):
+        print(line)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -2,8 +2,9 @@
 
 Throughput follows Megatron-LM: TFLOP/s per device = model FLOPs of one global batch (forward
 + backward, ``model.flops.num_floating_point_operations`` without activation recompute) / (seconds
-per iteration x world size x 1e12). MFU is that over the device peak given by --peak-tflops (printed
-once, so a wrong peak is visible). The FLOPs the hardware really ran, recomputed forwards included,
+per iteration x world size x 1e12). MFU is that over the device peak (printed once, so a wrong peak is
+visible): --peak-tflops when given, else the dense (never sparsity) tensor-core peak of the CUDA device
+from ``PEAK_TFLOPS`` below; an unknown device gets a warning and no MFU. The FLOPs the hardware really ran, recomputed forwards included,
 are logged apart as ``hardware_tflops_per_device`` and ``hfu`` (hardware FLOPs utilisation), so MFU
 stays comparable between runs with and without --recompute-granularity.
 
@@ -18,7 +19,9 @@ import os
 import resource
 import sys
 import time
-from typing import Dict, Optional
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Dict, Optional, Tuple
 
 import torch
 from megatron_lite.errors import OutputPathError
@@ -51,6 +54,87 @@ class Timer:
         """Return the accumulated time and start accumulating afresh."""
         out, self.elapsed_s = self.elapsed_s, 0.0
         return out
+
+
+# Dense peak TFLOP/s per device from the vendors' datasheets (the sparsity figures are twice these and
+# never apply to training): (substring of torch.cuda.get_device_name, name, bf16/fp16, tf32 for fp32
+# runs). Matched in order, so the more specific name comes first (H100 PCIe before H100, A100 before A10).
+PEAK_TFLOPS = [
+    ("GH200", "GH200", 989.4, 494.7),
+    ("H200 NVL", "H200 NVL", 835.6, 417.8),
+    ("H200", "H200 SXM", 989.4, 494.7),
+    ("H100 NVL", "H100 NVL", 835.6, 417.8),
+    ("H100 PCIe", "H100 PCIe", 756.5, 378.0),
+    ("H100", "H100 SXM", 989.4, 494.7),
+    ("H800", "H800 SXM", 989.4, 494.7),
+    ("B200", "B200", 2250.0, 1100.0),
+    ("A100", "A100", 312.0, 156.0),
+    ("A800", "A800", 312.0, 156.0),
+    ("A30", "A30", 165.0, 82.0),
+    ("A10G", "A10G", None, None),  # not published; refuse rather than take the A10's figure below
+    ("A10", "A10", 125.0, 62.5),
+    ("L40S", "L40S", 362.1, 183.0),
+    ("L40", "L40", 181.0, 90.5),
+    ("L4", "L4", 121.0, 60.0),
+    ("MI300X", "MI300X", 1307.4, 653.7),
+]
+
+
+def device_peak_tflops(device_name: str, dtype: str) -> Tuple[Optional[float], str]:
+    """(peak, where it comes from) for a run in ``dtype`` ('bf16', 'fp16' or 'fp32'); (None, why) if unknown."""
+    for key, name, half, tf32 in PEAK_TFLOPS:
+        if key in device_name:
+            peak = tf32 if dtype == "fp32" else half
+            if peak is None:
+                break
+            kind = "TF32" if dtype == "fp32" else "bf16/fp16"
+            return peak, f"dense {kind} peak of {name} ({device_name}), from the table in training/metrics.py"
+    return None, f"no peak TFLOP/s known for {device_name!r}"
+
+
+def resolve_peak_tflops(given: Optional[float], device: torch.device, dtype: str) -> Tuple[Optional[float], str]:
+    """--peak-tflops when given, else the CUDA device's table peak; (None, reason) on CPU or unknown devices."""
+    if given:
+        return given, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "no peak for a CPU: pass --peak-tflops to report MFU"
+    return device_peak_tflops(torch.cuda.get_device_name(device), dtype)
+
+
+class StepTimers:
+    """Seconds per phase of the training steps since the last ``averages()``, taken between device
+    synchronisations (so GPU work is counted in the phase that launched it)."""
+
+    def __init__(self):
+        self.totals: Dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str):
+        Timer._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            Timer._sync()
+            self.totals[name] += time.perf_counter() - start
+
+    def move(self, seconds: float, source: str, target: str) -> None:
+        """Count ``seconds`` of ``source``'s time as ``target``'s (time blocked inside a phase)."""
+        self.totals[source] -= seconds
+        self.totals[target] += seconds
+
+    def averages(self, iterations: int) -> Dict[str, float]:
+        """{"time_<phase>_s": seconds per iteration}, and start afresh."""
+        out = {f"time_{k}_s": v / max(iterations, 1) for k, v in self.totals.items()}
+        self.totals = defaultdict(float)
+        return out
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak: CUDA allocator max allocated, or the peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return int(memory_stats(device)["mem_max_rss_gib"] * 2 ** 30)
 
 
 def throughput(iter_time_s: float, global_batch_size: int, seq_length: int, flops_per_batch: float,
@@ -100,6 +184,9 @@ def format_train_line(rec: dict, train_iters: int) -> str:
               f"TFLOP/s/device: {rec['tflops_per_device']:.3f}"]
     if rec.get("mfu") is not None:
         parts.append(f"MFU: {100 * rec['mfu']:.2f}%")
+    if rec.get("time_forward_backward_s") is not None:
+        parts.append("step (ms): fwd/bwd {:.1f} pipeline wait {:.1f} DP comm {:.1f} optimizer {:.1f}".format(
+            *(1000 * rec.get(f"time_{k}_s", 0.0) for k in ("forward_backward", "pipeline_wait", "dp_comm", "optimizer"))))
     if rec.get("iter_time_max_s") is not None:
         parts.append(f"step time over ranks (ms): min {rec['iter_time_min_s'] * 1000:.1f} max "
                      f"{rec['iter_time_max_s'] * 1000:.1f} (slowest rank {rec['slowest_rank']})")

@@ -39,11 +39,13 @@ from megatron_lite.optim.clip import model_parallel_all_reduce
 from megatron_lite.optim.lr_schedule import build_lr_scheduler
 from megatron_lite.optim.optimizer import build_optimizer
 from megatron_lite.parallel.params import param_is_duplicate
+from megatron_lite.parallel.schedule_stats import ScheduleStats
 from megatron_lite.training.batch import build_data_iterators
 from megatron_lite.training.heartbeat import Heartbeat
 from megatron_lite.training.token_loss import reduce_token_loss, scale_to_token_mean
-from megatron_lite.training.metrics import (MetricsWriter, OutputPathError, Timer, format_eval_line,
-                                            format_train_line, memory_stats, perplexity, throughput)
+from megatron_lite.training.metrics import (MetricsWriter, OutputPathError, StepTimers, Timer, format_eval_line,
+                                            format_train_line, memory_stats, peak_memory_bytes, perplexity,
+                                            resolve_peak_tflops, throughput)
 
 
 @dataclass
@@ -58,6 +60,10 @@ class TrainSummary:
     valid: List[Dict[str, float]] = field(default_factory=list)  # {"iteration", "lm_loss", "ppl"}
     exit_reason: str = "train_iters"
     optimizer_state_bytes: int = 0  # this rank's Adam moments (+ fp32 masters when they are copies)
+    # Seconds per iteration over the last log window: time_forward_backward_s (compute), time_pipeline_wait_s
+    # (blocked in pipeline transfers: the bubble), time_dp_comm_s (gradient reductions not hidden by
+    # overlap), time_optimizer_s (clip, step, ZeRO-1 gather). Also on every metrics line.
+    step_time_breakdown: Dict[str, float] = field(default_factory=dict)
 
 
 def _print_rank0(pstate, *args):
@@ -166,8 +172,13 @@ class Trainer:
         self.train_ds, self.valid_ds, self.test_ds = datasets_provider(cfg, self.tokenizer,
                                                                        dataset_sample_counts(cfg))
         self.writer = MetricsWriter(t.metrics_jsonl, t.tensorboard_dir) if pstate.is_logging_rank else None
-        if t.peak_tflops:
-            _print_logging_rank(pstate, f"> MFU against --peak-tflops {t.peak_tflops:g} TFLOP/s per device")
+        dtype = "bf16" if m.bf16 else "fp16" if m.fp16 else "fp32"
+        self.peak_tflops, peak_source = resolve_peak_tflops(t.peak_tflops, pstate.device, dtype)
+        if self.peak_tflops:
+            _print_logging_rank(pstate, f"> MFU against {self.peak_tflops:g} TFLOP/s per device ({peak_source})")
+        elif pstate.device.type == "cuda":
+            _print_logging_rank(pstate, f"> warning: {peak_source}; MFU is not reported (pass --peak-tflops)")
+        self.step_timers = StepTimers()  # the step-time breakdown on each log line
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _load(self) -> None:
@@ -212,7 +223,7 @@ class Trainer:
                                   f"({time.time() - started:.2f} s)")
 
     # ---- one iteration ----------------------------------------------------------------------
-    def _run_schedule(self, dataset, consumed: int, forward_only: bool, split: str) -> List[dict]:
+    def _run_schedule(self, dataset, consumed: int, forward_only: bool, split: str, stats=None) -> List[dict]:
         m, t = self.cfg.model, self.cfg.train
         it = build_data_iterators(dataset, consumed, t.micro_batch_size, self.num_microbatches, self.pstate,
                                   self.tokenizer.eod, m, num_chunks=len(self.model), split=split)
@@ -221,7 +232,7 @@ class Trainer:
             num_microbatches=self.num_microbatches, seq_length=m.seq_length, micro_batch_size=t.micro_batch_size,
             hidden_size=m.hidden_size, pstate=self.pstate, forward_only=forward_only,
             grad_scale=None if forward_only else self.optimizer.get_loss_scale(), dtype=m.params_dtype,
-            sequence_parallel=m.sequence_parallel)
+            sequence_parallel=m.sequence_parallel, stats=stats)
 
     def _reduce_loss(self, loss_dicts: List[dict]) -> Optional[float]:
         """Mean over micro-batches, then over DP replicas (with --calculate-per-token-loss: over the
@@ -243,13 +254,16 @@ class Trainer:
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]
         self.heartbeat.beat(self.iteration + 1)
-        with self.heartbeat.phase("forward-backward schedule"):
-            loss_dicts = self._run_schedule(self.train_ds, self.consumed_samples, False, "train")
-        with self.heartbeat.phase("gradient reduction"):
+        timers = self.step_timers
+        stats = ScheduleStats(enabled=False)  # only its time blocked in pipeline transfers is read
+        with self.heartbeat.phase("forward-backward schedule"), timers.phase("forward_backward"):
+            loss_dicts = self._run_schedule(self.train_ds, self.consumed_samples, False, "train", stats)
+        timers.move(stats.p2p_seconds, "forward_backward", "pipeline_wait")  # the bubble, and transfers
+        with self.heartbeat.phase("gradient reduction"), timers.phase("dp_comm"):
             finalize_model_grads(self.model, self.pstate)
             if self.cfg.train.calculate_per_token_loss:
                 scale_to_token_mean(self.model, loss_dicts, self.num_microbatches, self.pstate)
-        with self.heartbeat.phase("optimizer step"):
+        with self.heartbeat.phase("optimizer step"), timers.phase("optimizer"):
             ok, grad_norm, num_zeros = self.optimizer.step()
         if ok:
             self.lr_scheduler.step(1)
@@ -277,11 +291,13 @@ class Trainer:
         """Min / max of the per-iteration time over all ranks, and the slowest rank: a slow node shows."""
         if self.pstate.world_size == 1 or not dist.is_initialized():
             return {}
-        times = torch.zeros(self.pstate.world_size, dtype=torch.float64, device=self.pstate.device)
-        times[self.pstate.rank] = iter_time_s
-        dist.all_reduce(times)
+        both = torch.zeros(2, self.pstate.world_size, dtype=torch.float64, device=self.pstate.device)
+        both[0, self.pstate.rank] = iter_time_s
+        both[1, self.pstate.rank] = peak_memory_bytes(self.pstate.device)  # the benchmark's max over ranks
+        dist.all_reduce(both)
+        times, memory = both[0], both[1]
         return {"iter_time_min_s": float(times.min()), "iter_time_max_s": float(times.max()),
-                "slowest_rank": int(times.argmax())}
+                "slowest_rank": int(times.argmax()), "mem_peak_max_over_ranks_gib": float(memory.max()) / 2 ** 30}
 
     def _log_training(self, window: dict, iter_time_s: float, lr: float, grad_norm, num_zeros, skipped: bool,
                       spread: Optional[dict] = None):
@@ -292,7 +308,8 @@ class Trainer:
                "lr": lr, "grad_norm": grad_norm, "loss_scale": self.optimizer.get_loss_scale(),
                "skipped_iter": int(skipped), "iter_time_s": iter_time_s,
                **throughput(iter_time_s, t.global_batch_size, m.seq_length, self.flops_per_batch,
-                            self.pstate.world_size, t.peak_tflops, self.hardware_flops_per_batch),
+                            self.pstate.world_size, self.peak_tflops, self.hardware_flops_per_batch),
+               "peak_tflops": self.peak_tflops,
                "global_batch_size": t.global_batch_size, "num_zeros": num_zeros,
                "skipped_iters": window["skipped"], "nan_iters": window["nan"], **(spread or {}),
                **memory_stats(self.pstate.device)}
@@ -370,6 +387,8 @@ class Trainer:
                 timer.stop()
                 iter_time = timer.reset() / window["iters"]
                 spread = self._step_time_spread(iter_time)  # every rank takes part
+                spread.update(self.step_timers.averages(window["iters"]))
+                summary.step_time_breakdown = {k: v for k, v in spread.items() if k.startswith("time_")}
                 if ps.is_logging_rank:
                     self._log_training(window, iter_time, lr, grad_norm, num_zeros, not ok, spread)
                 window = _new_log_window()
