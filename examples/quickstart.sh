@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart on a CPU-only machine: install, build a demo corpus, train a tokenizer, preprocess,
-# train a tiny GPT with tensor parallelism (TP=2, two processes on gloo), evaluate, generate.
+# train a tiny GPT with tensor parallelism (TP=2, two processes on gloo), evaluate, generate (KV cache).
 #
 #   bash examples/quickstart.sh                 # demo corpus from the Python standard library's docstrings
 #   bash examples/quickstart.sh my_corpus.jsonl # your own JSONL, one {"text": ...} per line
@@ -57,10 +57,10 @@ rm -rf "$WORK/checkpoints"
   --save "$WORK/checkpoints" --save-interval "$TRAIN_ITERS" \
   --metrics-jsonl "$WORK/metrics.jsonl" --tensorboard-dir "$WORK/tensorboard"
 
-echo "== 6/6 evaluate and generate (greedy, TP=2)"
-"$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29517}" \
-  tools/generate_text.py --load "$WORK/checkpoints" \
-  --vocab-file "$WORK/tokenizer/vocab.json" --merge-file "$WORK/tokenizer/merges.txt" \
-  --eval-data-path "$WORK/demo_text_document" --eval-iters 10 \
-  --prompt "Return the number of" --max-new-tokens 40
-echo "== done: metrics in $WORK/metrics.jsonl, checkpoint in $WORK/checkpoints"
+echo "== 6/6 evaluate (validation loss and perplexity) and generate (KV cache, greedy, TP=2)"
+LAUNCH=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29517}")
+"${LAUNCH[@]}" tools/evaluate.py --load "$WORK/checkpoints" \
+  --eval-data-path "$WORK/demo_text_document" --eval-iters 10 --json-out "$WORK/evaluation.json"
+"${LAUNCH[@]}" tools/generate_text.py --load "$WORK/checkpoints" \
+  --prompt "Return the number of" --prompt "def main(" --max-new-tokens 40
+echo "== done: metrics in $WORK/metrics.jsonl, evaluation in $WORK/evaluation.json, checkpoint in $WORK/checkpoints"

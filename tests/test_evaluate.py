@@ -137,6 +137,16 @@ def test_metrics_equal_huggingface_and_tp2_equals_tp1(tmp_path):
     assert tp2["lambada"]["last_word_ppl"] == pytest.approx(ppl, rel=1e-4)
     assert tp2["lambada"]["accuracy_stop_word_filter"] >= 0.0
 
+    # The example script: the same run at the checkpoint's own layout, as a table.
+    env = dict(os.environ, LOAD=str(tmp_path / "tp2"), WIKITEXT=wiki, LAMBADA=lambada, OVERLAPPING_EVAL="16",
+               PYTHON=sys.executable, OUT=str(tmp_path / "example.json"), MASTER_PORT=str(free_port()))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "evaluate_gpt.sh")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "token PPL" in proc.stdout and f"LAMBADA ({len(texts)} passages)" in proc.stdout, proc.stdout
+    example = json.loads((tmp_path / "example.json").read_text())
+    assert example["wikitext"]["loss"] == pytest.approx(tp2["wikitext"]["loss"], rel=1e-6)
+
     # Bad input: one line each, before the model is loaded.
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
