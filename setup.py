@@ -6,7 +6,7 @@ setup(
     description="A compact Megatron-style model-parallel GPT codebase: TP, PP, DP/ZeRO-1, fused softmax.",
     packages=find_packages(include=["megatron_lite", "megatron_lite.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "numpy", "regex", "tokenizers", "tensorboard", "safetensors"],
+    install_requires=["torch", "numpy", "regex", "tokenizers", "tiktoken", "tensorboard", "safetensors"],
     extras_require={
         # triton's interpreter runs the fused-softmax kernel tests on CPU; it has wheels only for Linux
         # x86-64, where tests/test_fused_softmax.py therefore fails (rather than skips) without it.

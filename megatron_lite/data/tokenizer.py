@@ -1,26 +1,29 @@
 """Tokenizers with Megatron-LM's semantics: GPT-2 byte-level BPE, HuggingFace tokenizer.json, Null.
 
 Every tokenizer exposes the same small interface: ``vocab_size`` (unpadded), ``eod`` (end-of-document
-id), ``tokenize(text)``, ``tokenize_batch(texts)``, ``detokenize(ids)``, ``vocab`` and ``inv_vocab``.
+id), ``tokenize(text)``, ``tokenize_batch(texts)``, ``detokenize(ids)``, ``vocab`` and ``inv_vocab``;
+GPT2BPETokenizer also has ``tokenize_to_numpy(text)`` for the preprocessing tool.
 
-GPT2BPETokenizer has two interchangeable paths over the same vocab.json/merges.txt:
-- ``fast=False``: byte-level BPE in pure Python, the algorithm of OpenAI's GPT-2 ``encoder.py`` and
-  Megatron-LM's ``gpt2_tokenization.py`` (same pre-tokenizer regex, merge ranks, unknown-free output).
-- ``fast=True`` (default): the text is cut into words at every whitespace character that precedes a
-  non-space one (no pre-token crosses such a cut, see ``_tokenize_words``); each distinct word is
-  split by the same ``regex`` pattern once, its new pre-tokens are merged in one batch by the
-  ``tokenizers`` library (Rust), and the word's ids are cached. The split stays in Python because the
-  Rust library's regex engine has an older Unicode table and splits differently around ~17k code
-  points assigned in recent Unicode versions; sharing the split makes both paths give identical ids.
+GPT2BPETokenizer has two implementations over the same vocab.json/merges.txt, which differ only in
+the Unicode tables of the pre-tokenizer regex:
+- ``fast=True`` (default, ``--tokenizer-impl fast``): tiktoken (see tiktoken_bpe.py). Its regex engine
+  has the Unicode 16 tables of HuggingFace's `tokenizers`, so the ids are those of today's Megatron-LM,
+  which builds GPT2BPETokenizer through HuggingFace's GPT2TokenizerFast. Files on which tiktoken's
+  merge order is not exact get `tokenizers`' own merge-list BPE instead (one warning says so).
+- ``fast=False`` (``--tokenizer-impl python``): byte-level BPE in pure Python, the algorithm of
+  OpenAI's GPT-2 ``encoder.py`` and Megatron-LM's legacy ``gpt2_tokenization.py``, split by the
+  installed ``regex`` package (Unicode 17/18 tables). The two paths disagree only where a text holds
+  one of the ~17.5k code points assigned since Unicode 16 (e.g. U+10940 followed by ``'s``).
 As in Megatron-LM, ``<|endoftext|>`` appearing in raw text is plain text (it splits into ``<|``,
 ``endoftext``, ``|>``); only the ``eod`` id appended by the data pipeline marks a document end.
 """
 import json
 import os
+import warnings
 from functools import lru_cache
-from itertools import chain
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import regex
 from megatron_lite.errors import TokenizerError
 
@@ -30,6 +33,11 @@ TOKENIZER_TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 # Conventional end-of-sequence spellings, tried (after <|endoftext|> and tokenizer_config.json) to find eod.
 _EOS_CANDIDATES = ("</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
 _BPE_CACHE_LIMIT = 1 << 20  # words; cleared when full so a huge corpus cannot grow it without bound
+
+
+class TokenizerWarning(UserWarning):
+    """Files that load but deserve a word: a merges.txt read the way Megatron-LM reads it loses a
+    line, or tiktoken's merge order is not exact for these files."""
 
 
 @lru_cache(maxsize=None)
@@ -56,6 +64,15 @@ def _byte_decoder() -> Dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
+@lru_cache(maxsize=None)
+def _symbol_to_latin1() -> Dict[int, int]:
+    """str.translate table: byte symbol -> the char of its byte; any other char below 256 -> U+FFFF,
+    which latin-1 cannot encode (so a string that is not all byte symbols is noticed)."""
+    table = {c: 0xFFFF for c in range(256)}
+    table.update({ord(c): b for c, b in _byte_decoder().items()})
+    return table
+
+
 def _is_key(table: dict, key) -> bool:
     try:
         return key in table
@@ -65,8 +82,8 @@ def _is_key(table: dict, key) -> bool:
 
 def _check_encodable(text: str) -> None:
     """A str holding a lone surrogate (valid in JSON as "\\ud800") is not text: one clear ValueError,
-    as the pure-Python path raises. Called only once the Rust library has refused the text with a
-    TypeError, so well-formed text never pays for the extra UTF-8 encode."""
+    as the pure-Python path raises. Called only once a Rust library has refused the text, so
+    well-formed text never pays for the extra UTF-8 encode."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -106,10 +123,12 @@ def load_gpt2_vocab(vocab_file: str) -> Dict[str, int]:
 
 
 def load_gpt2_merges(merge_file: str) -> List[Tuple[str, str]]:
-    """Read a GPT-2 merges.txt: an optional '#version' header, then one 'left right' pair per line.
+    """Read a GPT-2 merges.txt exactly as Megatron-LM does: ``read().split('\\n')[1:-1]``.
 
-    Megatron-LM drops the first and the last line unconditionally; here only a '#version' header and
-    blank lines are skipped, which is the same for every file written by GPT-2 or `tokenizers`.
+    The first line is the '#version' header and the text after the last newline is dropped. Both are
+    what every file written by GPT-2 or `tokenizers` holds; where they are not (no header, no final
+    newline), a merge would be lost without a word in Megatron-LM: here a TokenizerWarning names it.
+    Blank lines are skipped.
     """
     fix = "pass a GPT-2 format merges.txt (e.g. written by tools/train_tokenizer.py) to --merge-file"
     try:
@@ -119,9 +138,17 @@ def load_gpt2_merges(merge_file: str) -> List[Tuple[str, str]]:
         raise TokenizerError(f"merge file {merge_file} does not exist; {fix}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"merge file {merge_file} cannot be read ({e}); {fix}") from None
+    if lines[0].strip() and not lines[0].startswith("#version"):
+        warnings.warn(f"merge file {merge_file}: its first line {lines[0]!r} is not a '#version' header "
+                      f"but is skipped as one, as Megatron-LM does (add a '#version: 0.2' line to keep "
+                      f"that merge)", TokenizerWarning, stacklevel=2)
+    if len(lines) > 1 and lines[-1].strip():
+        warnings.warn(f"merge file {merge_file} does not end with a newline: its last line {lines[-1]!r} "
+                      f"is dropped, as Megatron-LM drops it (end the file with a newline to keep that "
+                      f"merge)", TokenizerWarning, stacklevel=2)
     merges = []
-    for lineno, line in enumerate(lines, start=1):
-        if (lineno == 1 and line.startswith("#version")) or not line.strip():
+    for lineno, line in enumerate(lines[1:-1], start=2):
+        if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 2:
@@ -149,7 +176,8 @@ def _check_gpt2_files(vocab: Dict[str, int], merges: Sequence[Tuple[str, str]],
 
 
 class GPT2BPETokenizer:
-    """GPT-2 byte-level BPE from vocab.json + merges.txt; ids identical to Megatron-LM's GPT2BPETokenizer."""
+    """GPT-2 byte-level BPE from vocab.json + merges.txt; ids identical to Megatron-LM's GPT2BPETokenizer
+    (today's with ``fast=True``, the legacy ``gpt2_tokenization.py`` with ``fast=False``)."""
 
     def __init__(self, vocab_file: str, merge_file: str, fast: bool = True):
         self.vocab_file, self.merge_file, self.fast = vocab_file, merge_file, bool(fast)
@@ -159,30 +187,37 @@ class GPT2BPETokenizer:
         self.inv_vocab = {i: t for t, i in self.vocab.items()}
         self.vocab_size = max(self.inv_vocab) + 1  # == len(vocab) for the usual gap-free files
         self.eod = self.vocab[EOD_TOKEN]
-        self.pattern = regex.compile(GPT2_SPLIT_PATTERN)
         self.byte_encoder = bytes_to_unicode()
         self._id_bytes = {i: self._token_bytes(t) for t, i in self.vocab.items()}
         # A later duplicate of a pair overrides the earlier rank, as dict(zip(...)) does in Megatron-LM.
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         self._cache: Dict[str, Tuple[str, ...]] = {}  # BPE symbols -> merged symbols (pure path)
-        self._piece_ids: Dict[str, List[int]] = {}  # raw pre-token -> ids (fast path)
-        self._words: Dict[str, List[int]] = {}  # word (see _tokenize_words) -> ids (fast path)
-        self._word_split = regex.compile(r"(?=\s\S)").split
+        self.pattern = regex.compile(GPT2_SPLIT_PATTERN) if not self.fast else None
+        self.backend = None  # "tiktoken" or "exact-merges" on the fast path
         self._fast = self._build_fast(merges) if self.fast else None
 
-    def _token_bytes(self, token: str) -> bytes:
-        decoder = _byte_decoder()
-        if all(c in decoder for c in token):
-            return bytes(decoder[c] for c in token)
-        return token.encode("utf-8")  # not a byte-level symbol string (a hand-added token): keep its text
+    @staticmethod
+    def _token_bytes(token: str) -> bytes:
+        try:  # byte symbols -> chars of the same code point, which latin-1 writes as those bytes
+            return token.translate(_symbol_to_latin1()).encode("latin-1")
+        except UnicodeEncodeError:
+            return token.encode("utf-8")  # not a byte-level symbol string (a hand-added token): keep its text
 
     def _build_fast(self, merges):
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        tok = Tokenizer(models.BPE(vocab=self.vocab, merges=list(merges)))
-        # Pre-tokens arrive split by our regex (see module docstring): ByteLevel only maps bytes here.
-        # No decoder: detokenize() is one Python byte-table lookup shared by both paths.
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        return tok
+        from megatron_lite.data import tiktoken_bpe
+        problems = tiktoken_bpe.cached_exactness_problems(
+            self.vocab_file, self.merge_file,
+            lambda: tiktoken_bpe.exactness_problems(self.vocab, merges, list(self.byte_encoder.values())))
+        if problems:
+            warnings.warn(f"{self.vocab_file} + {self.merge_file}: {problems[0]}, so tiktoken's merge order "
+                          f"is not exact for these files; using the exact merge-list BPE of `tokenizers` "
+                          f"(same ids, slower)", TokenizerWarning, stacklevel=3)
+            self.backend = "exact-merges"
+            return tiktoken_bpe.ExactBPE(self.vocab, merges)
+        self.backend = "tiktoken"
+        ranks, rank_to_id = tiktoken_bpe.mergeable_ranks(self.vocab, merges, self._id_bytes,
+                                                           self.byte_encoder)
+        return tiktoken_bpe.TiktokenBPE(ranks, rank_to_id, GPT2_SPLIT_PATTERN)
 
     def __reduce__(self):
         # Rebuilt from the files in the receiving process: a few ms, and no Rust object to serialize.
@@ -229,63 +264,25 @@ class GPT2BPETokenizer:
             ids.extend(vocab[sym] for sym in self.bpe(self._symbols(piece)))
         return ids
 
-    # -- tokenizers-backed path -----------------------------------------------------------------
-    def _ids_of_pieces(self, pieces: Iterable[str]) -> Dict[str, List[int]]:
-        """Ids of every distinct pre-token, merging the ones not seen before in one Rust batch.
-
-        Natural text repeats a few thousand pre-tokens over and over: looking them up in a dict beats
-        sending every occurrence through `tokenizers`, whose per-token Encoding bookkeeping dominates.
-        """
-        cache, distinct = self._piece_ids, set(pieces)
-        missing = [p for p in distinct if p not in cache]
-        if missing:
-            if len(cache) + len(missing) > _BPE_CACHE_LIMIT:
-                cache.clear()
-                missing = list(distinct)  # everything this call needs, not only the new ones
-            encodings = self._fast.encode_batch([[p] for p in missing], is_pretokenized=True)
-            for piece, enc in zip(missing, encodings):
-                cache[piece] = enc.ids
-        return cache
-
-    def _tokenize_words(self, text: str) -> List[int]:
-        """Cut the text before every whitespace character that precedes a non-space one, and look each
-        resulting word up whole.
-
-        No piece of GPT2_SPLIT_PATTERN crosses such a cut: a space there opens the next piece
-        (' ?\\p{L}+' and its siblings), another whitespace character becomes a piece of its own
-        ('\\s+'), and a whitespace run before it ends at the cut ('\\s+(?!\\S)' backs off by one).
-        So ids(text) is the concatenation of ids(word) over the words, and each distinct word is
-        split and merged once; runs of spaces stay inside a word, where the piece path handles them.
-        """
-        words = self._word_split(text)
-        try:
-            return list(chain.from_iterable(map(self._words.__getitem__, words)))
-        except KeyError:
-            try:
-                self._learn_words(words)
-            except TypeError:  # the Rust library refuses a lone surrogate; cached words never hold one
-                _check_encodable(text)
-                raise
-            return list(chain.from_iterable(map(self._words.__getitem__, words)))
-
-    def _learn_words(self, words: Iterable[str]) -> None:
-        cache, distinct = self._words, set(words)
-        missing = [w for w in distinct if w not in cache]
-        if len(cache) + len(missing) > _BPE_CACHE_LIMIT:
-            cache.clear()
-            missing = list(distinct)  # everything this call needs, not only the new ones
-        split = [self.pattern.findall(w) for w in missing]
-        ids = self._ids_of_pieces(chain.from_iterable(split)).__getitem__  # one Rust batch for all new pieces
-        for word, pieces in zip(missing, split):
-            cache[word] = list(chain.from_iterable(map(ids, pieces)))
-
     # -- public interface ---------------------------------------------------------------------
+    def tokenize_to_numpy(self, text: str) -> np.ndarray:
+        """ids of `text` as an int64 array (no Python list on the fast path)."""
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize expects str, got {type(text).__name__}")
+        if self._fast is None:
+            return np.asarray(self._tokenize_pure(text), dtype=np.int64)
+        try:
+            return self._fast.encode(text)
+        except (UnicodeEncodeError, TypeError):  # how the Rust libraries refuse a lone surrogate
+            _check_encodable(text)
+            raise
+
     def tokenize(self, text: str) -> List[int]:
         if not isinstance(text, str):
             raise TypeError(f"tokenize expects str, got {type(text).__name__}")
         if self._fast is None:
             return self._tokenize_pure(text)
-        return self._tokenize_words(text)
+        return self.tokenize_to_numpy(text).tolist()
 
     def tokenize_batch(self, texts: Iterable[str]) -> List[List[int]]:
         return [self.tokenize(t) for t in texts]
