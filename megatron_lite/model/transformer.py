@@ -152,7 +152,9 @@ class CoreAttention(nn.Module):
         if self.backend == "sdpa":
             qt, kt, vt = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, np, s, hn]
             mask = None
-            if attention_mask is not None or sq != sk:
+            # One new query (cached decoding) may see every key: no mask to build.
+            causal = not (sq == 1 and attention_mask is None)
+            if causal and (attention_mask is not None or sq != sk):
                 # sdpa's bool mask is True where attention is ALLOWED; causal is folded in.
                 masked = causal_mask(sq, sk, q.device)
                 if attention_mask is not None:
@@ -160,7 +162,7 @@ class CoreAttention(nn.Module):
                 mask = ~masked
             with self._rng() if dropout_p > 0 else contextlib.nullcontext():
                 out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p,
-                                                     is_causal=mask is None)
+                                                     is_causal=causal and mask is None)
             return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
         # Unfused: [b*np, sq, hn] x [b*np, hn, sk] -> scores, scaled in the matmul as Megatron does.
