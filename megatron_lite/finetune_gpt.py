@@ -82,6 +82,20 @@ class FinetuneConfig:
             except Exception as e:  # noqa: BLE001 - a DatasetError naming the file
                 raise ConfigError(f"--labels-file: {e}") from None
 
+    def check_stages(self, cfg) -> None:
+        """Every pipeline rank keeps something to train (an optimizer over no parameters is refused)."""
+        from megatron_lite.parallel.layout import layers_for_stage
+
+        par, below = cfg.parallel, self.frozen_below(cfg.model.num_layers)
+        pp, vp = par.pipeline_model_parallel_size, cfg.virtual_pipeline_size()
+        for rank in range(pp - 1):  # the last stage always trains its final layer norm and head
+            spans = [layers_for_stage(cfg.model.num_layers, pp, rank, par.decoder_first_pipeline_num_layers,
+                                      par.decoder_last_pipeline_num_layers, vp, v) for v in range(vp or 1)]
+            if below > 0 and all(offset + count <= below for offset, count in spans):
+                raise ConfigError(f"--freeze-layers/--train-last-layers freeze every parameter of pipeline stage "
+                                  f"{rank} (layers below {below} and the embedding); train more layers or use "
+                                  "fewer pipeline stages")
+
     def _suffixes(self):
         if self.task == "sft":
             from megatron_lite.data.sft_dataset import MASK_SUFFIX, TEXT_SUFFIX
@@ -131,6 +145,7 @@ def prepare(cfg, ft: FinetuneConfig) -> None:
     from megatron_lite.data.sft_dataset import TEXT_SUFFIX
 
     ft.check(cfg.model.num_layers)
+    ft.check_stages(cfg)
     cfg.data.data_path = [ft.train_data + TEXT_SUFFIX]  # the trainer's own checks look at the train shard
     cfg.train.calculate_per_token_loss = True
     if ft.task == "sft" and not ft.no_pack:

@@ -102,6 +102,7 @@ def evaluate_splits(trainer, ft, summary) -> Optional[dict]:
         if preds is None:
             continue
         metrics = classification_metrics(dataset.labels, preds, names, majority)
+        metrics["predictions"] = preds.tolist()  # class ids, in the split's example order
         results["splits"][split] = metrics
         print(f"> {split}: accuracy {metrics['accuracy']:.4f} on {metrics['examples']} examples "
               f"(majority-class baseline {metrics['majority_baseline_accuracy']:.4f}: {names[majority]!r}); "
