@@ -54,11 +54,17 @@ def _every_layout(rank, world):
                 runs[f"greedy_{cached}"] = [(r.tokens, r.logprobs) for r in g]
             s = generate(model, PROMPTS, 12, SamplingParams(temperature=0.9, top_p=0.95, seed=7), eod=EOD)
             runs["sampled"] = [r.tokens for r in s]
+            out[(pos, name)] = runs
+            if name != "tp1":  # the rest is about sampling and stopping, not layouts
+                continue
             again = generate(model, PROMPTS, 12, SamplingParams(temperature=0.9, top_p=0.95, seed=7), eod=EOD)
             runs["sampled_again"] = [r.tokens for r in again]
             runs["top_k1"] = [r.tokens for r in generate(model, PROMPTS, 12, SamplingParams(top_k=1, seed=3),
                                                          eod=EOD)]
-            out[(pos, name)] = runs
+            plain = [r.generated for r in generate(model, PROMPTS, 12)]  # no end-of-text token at all
+            first = plain[0][0]  # make row 0's first new token the end of text: it stops there
+            runs["stop"] = [(r.generated, r.stopped_at_eod) for r in generate(model, PROMPTS, 12, eod=first)]
+            runs["stop_token"], runs["plain"] = first, plain
     return out
 
 
@@ -79,6 +85,14 @@ def test_cache_equals_recompute_and_every_layout_equals_tp1():
         assert ref["sampled"] == ref["sampled_again"]
         assert ref["sampled"] != [t for t, _ in cached]  # sampling is not greedy
         assert ref["top_k1"] == [t for t, _ in cached]
+        first = ref["stop_token"]
+        assert ref["stop"][0] == ([first], True)
+        for (gen, stopped), full in zip(ref["stop"], ref["plain"]):
+            assert len(full) == 12
+            if first in full:  # every row stops at its first end-of-text token, which it keeps
+                assert stopped and gen == full[:full.index(first) + 1]
+            else:
+                assert not stopped and gen == full
         for name in LAYOUTS:
             got = res[(pos, name)]
             for key in ("greedy_True", "greedy_False"):
