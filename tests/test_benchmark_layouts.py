@@ -89,3 +89,21 @@ def test_example_script_dry_run_lists_layouts_with_estimates(tmp_path):
     assert "dry run (--list): 24 layout(s) valid at world size 8" in r.stdout
     assert "tp2pp2dp2mbs4+vp2+sp+zero+full+sdpa" in r.stdout and "bubble 0.062" in r.stdout
     assert not os.listdir(tmp_path)  # a listing writes nothing
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="with CUDA the script runs the whole GPU suite")
+def test_gpu_suite_cpu_smoke_path(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--output-dir", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "no CUDA device: running the CPU smoke path" in r.stdout and "Traceback" not in r.stderr
+    result = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert result["kernel_correctness"] and all(row["fwd_max_abs_err"] < 1e-6 and row["bwd_max_abs_err"] < 1e-6
+                                                for row in result["kernel_correctness"])
+    assert [row["requested_backend"] for row in result["training"]] == ["unfused", "fused_softmax", "sdpa"]
+    assert all(row["step_time_s"] > 0 and row["est_memory_gib"] > 0 for row in result["training"])
+    assert [row["status"] for row in result["layout_sweep"]["rows"]] == ["ok"]
+    md = (tmp_path / "gpu_suite.md").read_text()
+    for heading in ("## Fused softmax: correctness", "## Training step", "## Layout sweep at world size 1"):
+        assert heading in md
