@@ -14,5 +14,7 @@ setup(
         "test": ["pytest", "pytest-timeout", "hypothesis", "transformers",
                  'triton; platform_system == "Linux" and platform_machine == "x86_64"'],
         "gpu": ["triton"],
+        # the layout benchmark's PNG chart (benchmarks/benchmark_layouts.py); without it the chart is skipped
+        "plots": ["matplotlib"],
     },
 )

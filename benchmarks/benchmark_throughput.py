@@ -10,8 +10,9 @@ max allocated on a GPU, the process's peak RSS on CPU. Times are medians of --it
 
 The peak is --peak-tflops when given, else measured in this run: the best of 20 large matmuls in
 the run's dtype (bf16 8192^3 on a GPU, 1024^3 on CPU), measured before and after the runs, the
-higher kept (a peak read low while the device is busy would inflate MFU). A datasheet column
-(dense bf16: H100 SXM 989, H200 989, A100 312 TFLOP/s) is printed when the GPU's name is recognised.
+higher kept (a peak read low while the device is busy would inflate MFU). A datasheet column (the
+dense peak from ``megatron_lite.training.metrics.PEAK_TFLOPS``, e.g. H100 SXM 989 TFLOP/s bf16) is
+printed when the GPU's name is recognised.
 
     # GPU: GPT-3 125M..1.3B at seq 1024 and 2048 in bf16
     python benchmarks/benchmark_throughput.py --output benchmarks/results/throughput_h100.json
@@ -35,13 +36,12 @@ from megatron_lite.model.flops import count_parameters, num_floating_point_opera
 from megatron_lite.distributed.data_parallel import DDPConfig, DistributedDataParallel
 from megatron_lite.optim.optimizer import build_optimizer as build_megatron_optimizer
 from megatron_lite.parallel.state import ParallelState
-from megatron_lite.training.metrics import memory_stats, throughput
+from megatron_lite.training.metrics import device_peak_tflops, memory_stats, throughput
 
 GPT2_VOCAB = 50257
 # name: (layers, hidden, heads) -- GPT-3 paper, Table 2.1; "tiny" is the CPU smoke configuration.
 MODELS = {"tiny": (2, 128, 4), "125M": (12, 768, 12), "350M": (24, 1024, 16), "760M": (24, 1536, 16),
           "1.3B": (24, 2048, 16)}
-DATASHEET_BF16_TFLOPS = [("H200", 989.0), ("H100", 989.0), ("A100", 312.0)]  # dense, SXM; by name substring
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -121,11 +121,8 @@ def measured_peak_tflops(device, dtype) -> tuple:
 def datasheet_tflops(device) -> tuple:
     if device.type != "cuda":
         return None, None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in DATASHEET_BF16_TFLOPS:
-        if key in name:
-            return tflops, f"datasheet dense bf16 for {key} ({name})"
-    return None, None
+    peak, source = device_peak_tflops(torch.cuda.get_device_name(device), "bf16")
+    return (peak, source) if peak else (None, None)
 
 
 def build_optimizer(model, cfg: ModelConfig, pstate, impl: str = "auto"):
