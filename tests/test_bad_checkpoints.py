@@ -4,9 +4,12 @@ the checkpoint is left byte-identical. A resume in another precision loads the w
 the masters are rebuilt, and trains on; a --load directory that does not exist starts from scratch.
 
 One real checkpoint of the tiny model is trained once per module and copied for each test."""
+import contextlib
 import hashlib
+import io
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -25,11 +28,22 @@ SHARD = os.path.join("iter_0000002", "mp_rank_00", "model_optim_rng.pt")
 
 
 def _run(args):
-    env_free = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    """``main(args)`` of ``python -m megatron_lite.pretrain_gpt`` in this process (it imports torch once,
+    not once per case); the environment it sets for its one-rank group is put back afterwards.
+    ``test_shard_that_is_not_a_dict`` runs the real command line in a subprocess."""
+    from megatron_lite.pretrain_gpt import main
+
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    out, err = io.StringIO(), io.StringIO()
     try:
-        return run_entry_point(args, cwd=ROOT, timeout=180)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
     finally:
-        os.environ.update(env_free)
+        os.environ.clear()
+        os.environ.update(env)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +72,14 @@ def _digest(root) -> dict:
     return out
 
 
-def _refused(root, extra=(), load=None, must_name=()):
+def _subprocess(args):
+    return run_entry_point(args, cwd=ROOT, timeout=180)
+
+
+def _refused(root, extra=(), load=None, must_name=(), run=_run):
     """Resume from ``root`` (or ``load``): one error line naming each of ``must_name``; files untouched."""
     before = _digest(root) if os.path.isdir(root) else None
-    r = _run(BASE + ["--train-iters", "3", "--load", str(load or root), *extra])
+    r = run(BASE + ["--train-iters", "3", "--load", str(load or root), *extra])
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, r.stderr
@@ -83,7 +101,7 @@ def _rewrite_shard(root, edit):
 
 def test_shard_that_is_not_a_dict(ckpt):
     path = _rewrite_shard(ckpt, lambda state: [1, 2, 3])
-    _refused(ckpt, must_name=[str(path)])
+    _refused(ckpt, must_name=[str(path)], run=_subprocess)  # the real command line, once
 
 
 def test_shard_without_model_entry(ckpt):
