@@ -263,3 +263,31 @@ def test_sft_loss_is_layout_and_micro_batch_independent(sft_data):
     assert base["losses"][0] == pytest.approx(token_mean, rel=1e-5)
     # the fixture does tell the two apart: per-sample means differ from the token mean by far more than 1e-5
     assert abs(mean_of_means - token_mean) > 1e-4 * token_mean, (mean_of_means, token_mean)
+
+
+@pytest.mark.timeout(120)
+def test_finetune_entry_point_then_responses_beside_references(sft_data, tmp_path):
+    """As a user runs them: the fine-tuning entry point saves a checkpoint, the response tool reads
+    the test split's prompts from it and writes responses next to the references."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "megatron_lite.finetune_gpt", "--task", "sft",
+                        *_flags(sft_data, ["--train-iters", "3", "--save", str(tmp_path / "ckpt")])],
+                       capture_output=True, text=True, timeout=100, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "validation loss at iteration 3" in r.stdout
+    out = tmp_path / "responses.json"
+    r = tool("generate_sft_responses.py", "--load", tmp_path / "ckpt", "--input", sft_data / "sft_test.json",
+             "--output", out, "--max-new-tokens", "4", "--limit", "3", "--show", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    refs = json.loads((sft_data / "sft_test.json").read_text())[:3]
+    assert [x["reference"] for x in rows] == [x["output"] for x in refs]
+    assert all(isinstance(x["response"], str) for x in rows) and "--- instruction:" in r.stdout
+
+
+@pytest.mark.parametrize("script", ["finetune_instructions.sh", "finetune_classification.sh"])
+def test_example_without_its_inputs_says_so(script, tmp_path):
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples", script), str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=60, env=dict(os.environ, LOAD=str(tmp_path / "none")))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "not found" in lines[0]
