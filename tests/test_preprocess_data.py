@@ -265,3 +265,69 @@ def test_null_tokenizer_and_a_text_it_rejects(tmp_path):
     ds, docs = read_documents(str(tmp_path / "ints_text_document"))
     eod = build_tokenizer("NullTokenizer", vocab_size=100).eod
     assert docs == [[1, 2, 3, eod], [7, eod]] and ds.dtype == np.uint16
+
+
+# -- the tiktoken default path: Megatron-LM's shards, start-up ------------------------------------
+def megatron_shards(prefix, docs_ids, eod, dtype):
+    """The .bin/.idx Megatron-LM's preprocess_data.py writes for these ids with --append-eod: each
+    non-empty document one sequence ending in eod, an empty one a document of no sequence."""
+    from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
+    builder = IndexedDatasetBuilder(data_file_path(prefix), dtype)
+    for ids in docs_ids:
+        ids = list(ids) + [eod] if ids else []
+        builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)] if ids else [])
+    builder.finalize(index_file_path(prefix))
+    return [read_bytes(f"{prefix}{e}") for e in (".bin", ".idx")]
+
+
+def test_gpt2_shards_byte_identical_to_megatron_for_both_implementations(tmp_path, shared_data):
+    """Default path: ids of HuggingFace's GPT2TokenizerFast (today's Megatron-LM); --tokenizer-impl
+    python: ids of the legacy gpt2_tokenization.py (transcribed in test_tokenizer.py). Real GPT-2 files,
+    real documents plus text with a Unicode 18 letter, an empty document, two workers."""
+    from test_tokenizer import MegatronGPT2Reference
+    from test_tokenizer_tiktoken import hf_fast
+    vocab = os.path.join(shared_data, "gpt2", "gpt2-vocab.json")
+    merges = os.path.join(shared_data, "gpt2", "gpt2-merges.txt")
+    with open(os.path.join(shared_data, "lambada", "lambada_test.jsonl"), encoding="utf-8") as f:
+        texts = [json.loads(next(f))["text"] for _ in range(1500)]
+    texts[3:3] = ["", "\U00010940's and \U00010940'll", "plain <|endoftext|> text"]
+    path = tmp_path / "docs.jsonl"
+    write_jsonl(path, [{"text": t} for t in texts])
+    legacy = MegatronGPT2Reference(vocab, merges)
+    expected = {"fast": hf_fast(tmp_path, vocab, merges)(texts), "python": [legacy.encode(t) for t in texts]}
+    assert expected["fast"] != expected["python"]  # the Unicode 18 letter splits differently
+    for impl, ids in expected.items():
+        reference = megatron_shards(str(tmp_path / f"megatron_{impl}"), ids, 50256, np.uint16)
+        run_tool("--input", path, "--output-prefix", tmp_path / impl, "--tokenizer-type", "GPT2BPETokenizer",
+                 "--vocab-file", vocab, "--merge-file", merges, "--append-eod", "--workers", 2,
+                 "--tokenizer-impl", impl)
+        ours = [read_bytes(tmp_path / f"{impl}_text_document{e}") for e in (".bin", ".idx")]
+        assert ours == reference, impl
+
+
+def test_start_up_is_light_and_a_lost_merge_is_said_once(tmp_path, tokenizer_files):
+    """No torch; under a second of CPU for a one-line input (load-independent, unlike wall time); a
+    merges.txt without its final newline is one warning line even with two workers."""
+    import resource
+    vocab, merges, _ = tokenizer_files
+    unended = tmp_path / "merges.txt"
+    unended.write_text(open(merges, encoding="utf-8").read().rstrip("\n"), encoding="utf-8")
+    path = tmp_path / "one.jsonl"
+    write_jsonl(path, [{"text": "Once upon a time."}])
+    # The tool as __main__ (its pool pickles functions by that name), then a look at what it imported.
+    probe = ("import atexit, runpy, sys; sys.argv = sys.argv[1:]; "
+             "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([sys.executable, "-c", probe, TOOL, "--input", str(path), "--output-prefix",
+                           str(tmp_path / "one"), "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
+                           "--merge-file", str(unended), "--workers", "2"], capture_output=True, text=True,
+                          timeout=120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch imported: False" in proc.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 1.0, cpu
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "does not end with a newline" in warnings[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "TokenizerWarning" not in proc.stderr
