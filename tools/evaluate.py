@@ -107,6 +107,25 @@ def validation_loss(model, tok, args) -> dict:
     return {"lm_loss": loss, "ppl": math.exp(min(loss, 50.0)), "samples": samples, "seq_length": m.seq_length}
 
 
+class Progress:
+    """'name: done/total, elapsed, ETA' on rank 0's stderr about every 10%, once a run passes 5 s."""
+
+    def __init__(self, name: str, unit: str, enabled: bool):
+        self.name, self.unit, self.enabled = name, unit, enabled
+        self.start, self.next_share = time.perf_counter(), 0.1
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total == 0 or done / total < self.next_share:
+            return
+        elapsed = time.perf_counter() - self.start
+        if elapsed < 5.0:  # quick runs stay quiet
+            return
+        eta = elapsed * (total - done) / max(done, 1)
+        print(f"{self.name}: {done}/{total} {self.unit}, {elapsed:.0f} s elapsed, ETA {eta:.0f} s",
+              file=sys.stderr, flush=True)
+        self.next_share = done / total + 0.1
+
+
 def run(args) -> int:
     from dataclasses import asdict
 
@@ -134,14 +153,16 @@ def run(args) -> int:
         summary.append(f"validation loss {v['lm_loss']:.4f} PPL {v['ppl']:.2f}")
     if wikitext is not None:
         try:
-            w = wikitext_perplexity(model, tok, wikitext, args.overlapping_eval, args.micro_batch_size)
+            w = wikitext_perplexity(model, tok, wikitext, args.overlapping_eval, args.micro_batch_size,
+                                    Progress("WikiText", "windows", ps.rank == 0))
         except ValueError as e:
             raise ConfigError(f"--wikitext {args.wikitext}: {e}") from None
         results["wikitext"] = dict(asdict(w), file=args.wikitext, overlapping_eval=args.overlapping_eval)
         summary.append(f"WikiText PPL {w.ppl:.2f} (word-level {w.adjusted_ppl:.2f})")
     if lambada is not None:
         try:
-            lam = lambada_accuracy(model, tok, lambada, args.strict_lambada, args.micro_batch_size)
+            lam = lambada_accuracy(model, tok, lambada, args.strict_lambada, args.micro_batch_size,
+                                   Progress("LAMBADA", "passages", ps.rank == 0))
         except ValueError as e:
             raise InputError(f"--lambada {args.lambada}: {e}") from None
         d = asdict(lam)

@@ -92,10 +92,12 @@ class PerplexityResult:
     windows: int
 
 
-def _scored_loss(model: InferenceModel, windows, batch_size: int) -> float:
+def _scored_loss(model: InferenceModel, windows, batch_size: int, progress=None) -> float:
     dev = model.pstate.device
     total = 0.0
     for start in range(0, len(windows), batch_size):
+        if progress is not None:
+            progress(start, len(windows))
         group = windows[start:start + batch_size]
         tokens = torch.from_numpy(np.stack([w for w, _ in group])).to(dev)
         mask = torch.from_numpy(np.stack([m for _, m in group])).to(dev)
@@ -105,7 +107,7 @@ def _scored_loss(model: InferenceModel, windows, batch_size: int) -> float:
 
 
 def wikitext_perplexity(model: InferenceModel, tokenizer, raw_text: str, overlapping_eval: int = 0,
-                        batch_size: int = 8) -> PerplexityResult:
+                        batch_size: int = 8, progress=None) -> PerplexityResult:
     """Perplexity of ``raw_text`` (a WikiText file's contents); ``overlapping_eval`` 0: one window,
     which must hold the whole text (ValueError otherwise)."""
     seq = model.cfg.model.seq_length
@@ -121,7 +123,7 @@ def wikitext_perplexity(model: InferenceModel, tokenizer, raw_text: str, overlap
     if overlapping_eval > seq:
         raise ValueError(f"--overlapping-eval {overlapping_eval} exceeds --seq-length {seq}")
     windows = lm_windows(ids, seq, tokenizer.eod, overlapping_eval)
-    loss = _scored_loss(model, windows, batch_size) / (len(ids) - 1)
+    loss = _scored_loss(model, windows, batch_size, progress) / (len(ids) - 1)
     ratio = (len(ids) - 1) / max(num_original - 1, 1)
     return PerplexityResult(loss, math.exp(min(20.0, loss)), math.exp(min(20.0, loss * ratio)),
                             len(ids), num_original, len(windows))
@@ -140,10 +142,11 @@ def lambada_split(tokenizer, text: str, strict: bool) -> Tuple[List[int], List[i
 
 
 def stop_word_token_ids(tokenizer) -> List[int]:
-    """Tokens that spell a stop word by themselves (with or without the leading space, any case)."""
+    """Tokens that spell a stop word by themselves, with its leading space (lower or capitalised)."""
     ids = set()
     for w in STOP_WORDS:
-        for form in (w, w.capitalize(), " " + w, " " + w.capitalize()):
+        # Only word-initial forms: a bare "s" or "re" is also the end of many words (cars, are).
+        for form in (" " + w, " " + w.capitalize()):
             t = tokenizer.tokenize(form)
             if len(t) == 1:
                 ids.add(t[0])
@@ -162,8 +165,8 @@ class LambadaResult:
 
 
 def lambada_accuracy(model: InferenceModel, tokenizer, texts: Sequence[str], strict: bool = False,
-                     batch_size: int = 8) -> LambadaResult:
-    """Last-word accuracy of every passage in ``texts``."""
+                     batch_size: int = 8, progress=None) -> LambadaResult:
+    """Last-word accuracy of every passage in ``texts``; ``progress(done, total)`` is called per batch."""
     ps, m = model.pstate, model.cfg.model
     seq, dev, vocab = m.seq_length, ps.device, m.vocab_size or m.padded_vocab_size
     pairs, truncated = [], 0
@@ -180,6 +183,8 @@ def lambada_accuracy(model: InferenceModel, tokenizer, texts: Sequence[str], str
     stop_ids = torch.tensor(stop_word_token_ids(tokenizer), dtype=torch.long, device=dev)
     correct, filtered, loss_sum, n_targets = [], [], 0.0, 0
     for start in range(0, len(pairs), batch_size):
+        if progress is not None:
+            progress(start, len(pairs))
         group = pairs[start:start + batch_size]
         width = max(len(c) + len(t) for c, t in group) - 1
         tokens = torch.full((len(group), width + 1), tokenizer.eod, dtype=torch.long, device=dev)
