@@ -174,7 +174,9 @@ class Trainer:
         self.writer = MetricsWriter(t.metrics_jsonl, t.tensorboard_dir) if pstate.is_logging_rank else None
         dtype = "bf16" if m.bf16 else "fp16" if m.fp16 else "fp32"
         self.peak_tflops, peak_source = resolve_peak_tflops(t.peak_tflops, pstate.device, dtype)
-        if self.peak_tflops:
+        if t.peak_tflops:
+            _print_logging_rank(pstate, f"> MFU against --peak-tflops {t.peak_tflops:g} TFLOP/s per device")
+        elif self.peak_tflops:
             _print_logging_rank(pstate, f"> MFU against {self.peak_tflops:g} TFLOP/s per device ({peak_source})")
         elif pstate.device.type == "cuda":
             _print_logging_rank(pstate, f"> warning: {peak_source}; MFU is not reported (pass --peak-tflops)")
