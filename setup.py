@@ -10,8 +10,9 @@ setup(
     extras_require={
         # triton's interpreter runs the fused-softmax kernel tests on CPU; it has wheels only for Linux
         # x86-64, where tests/test_fused_softmax.py therefore fails (rather than skips) without it.
-        # transformers: the HuggingFace GPT-2 export/import parity tests
-        "test": ["pytest", "pytest-timeout", "hypothesis", "transformers",
+        # transformers: the HuggingFace GPT-2 export/import parity tests; matplotlib: the layout sweep's
+        # PNG chart is part of what its test checks
+        "test": ["pytest", "pytest-timeout", "hypothesis", "transformers", "matplotlib",
                  'triton; platform_system == "Linux" and platform_machine == "x86_64"'],
         "gpu": ["triton"],
         # the layout benchmark's PNG chart (benchmarks/benchmark_layouts.py); without it the chart is skipped
