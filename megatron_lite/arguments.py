@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-jsonl", default=None, help="(megatron_lite) one JSON line per logged iteration")
     g.add_argument("--peak-tflops", type=float, default=None,
-                   help="(megatron_lite) device peak TFLOP/s for MFU; MFU is reported only when given")
+                   help="(megatron_lite) device peak TFLOP/s for MFU; default: the dense bf16/fp16 (or TF32) "
+                        "peak of the CUDA device from training/metrics.py's table; on CPU, MFU needs it")
     g.add_argument("--log-num-zeros-in-grad", action="store_true")
     g.add_argument("--calculate-per-token-loss", action="store_true",
                    help="average the loss over the loss tokens of the whole global batch, not per micro-batch")

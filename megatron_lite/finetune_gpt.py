@@ -27,7 +27,6 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
-from megatron_lite.cli import EXIT_USAGE, run_main
 from megatron_lite.errors import ConfigError
 
 TASKS = ("sft", "classification")
@@ -146,6 +145,9 @@ def prepare(cfg, ft: FinetuneConfig) -> None:
 
     ft.check(cfg.model.num_layers)
     ft.check_stages(cfg)
+    if ft.task == "classification" and cfg.model.eod_mask_loss:
+        # The class is read at the one position the loss mask marks; masking it would leave none.
+        raise ConfigError("--eod-mask-loss does not apply to --task classification: drop it")
     cfg.data.data_path = [ft.train_data + TEXT_SUFFIX]  # the trainer's own checks look at the train shard
     cfg.train.calculate_per_token_loss = True
     if ft.task == "sft" and not ft.no_pack:
@@ -275,25 +277,18 @@ def finetune_gpt(cfg, ft: FinetuneConfig, world_size: Optional[int] = None):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_lite.parallel.state import destroy_parallel
+    from megatron_lite import pretrain_gpt
 
     cfg, ft = parse_args(argv)
 
     def body() -> int:
+        if cfg.train.dry_run:
+            prepare(cfg, ft)
+            return pretrain_gpt.dry_run(cfg)
         finetune_gpt(cfg, ft)
         return 0
 
-    failed = True
-    try:
-        status = run_main(body, usage_status=EXIT_USAGE)
-        failed = status != 0
-        return status
-    finally:
-        try:
-            destroy_parallel()
-        except Exception:  # noqa: BLE001 - a dead peer can make teardown fail too; the error is reported
-            if not failed:
-                raise
+    return pretrain_gpt.run_task(body)
 
 
 if __name__ == "__main__":

@@ -74,14 +74,16 @@ def dry_run(cfg) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
     m, p, t = cfg.model, cfg.parallel, cfg.train
+    assumed = ""
     if m.vocab_size is None:
         m.vocab_size = 50257  # GPT-2's, for the parameter count only: the tokenizer is not read here
+        assumed = " (vocabulary of 50257 assumed: pass --vocab-size for another tokenizer's)"
     params = count_parameters(m)
     print(f"dry run: flags valid for world size {world}: TP={p.tensor_model_parallel_size} "
           f"PP={p.pipeline_model_parallel_size} DP={p.data_parallel_size} schedule={p.pipeline_schedule}; "
           f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, seq {m.seq_length} "
           f"(~{params / 1e9:.2f}B parameters); micro-batch {t.micro_batch_size}, global batch "
-          f"{t.global_batch_size}, {t.train_iters} iterations")
+          f"{t.global_batch_size}, {t.train_iters} iterations{assumed}")
     print_memory_estimate(cfg)
     return 0
 
@@ -102,7 +104,6 @@ def print_memory_estimate(cfg) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from megatron_lite.config import parse_args
-    from megatron_lite.parallel.state import destroy_parallel
 
     cfg = parse_args(argv)  # argparse reports unknown flags itself (exit 2, usage line)
 
@@ -111,6 +112,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             return dry_run(cfg)
         pretrain_gpt(cfg)
         return 0
+
+    return run_task(body)
+
+
+def run_task(body) -> int:
+    """An entry point's exit status: ``body()`` through the one reporter, then the process groups
+    torn down (a task's main, e.g. finetune_gpt's, ends the same way)."""
+    from megatron_lite.parallel.state import destroy_parallel
 
     failed = True
     try:

@@ -107,3 +107,24 @@ def test_gpu_suite_cpu_smoke_path(tmp_path):
     md = (tmp_path / "gpu_suite.md").read_text()
     for heading in ("## Fused softmax: correctness", "## Training step", "## Layout sweep at world size 1"):
         assert heading in md
+
+
+def test_peak_table_matches_whole_model_names():
+    import torch
+
+    from megatron_lite.training.metrics import device_peak_tflops
+
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3", "bf16")[0] == 989.4
+    assert device_peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == 756.5
+    assert device_peak_tflops("NVIDIA GH200 480GB", "bf16")[1].startswith("dense bf16/fp16 peak of GH200")
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16")[0] == 312.0
+    assert device_peak_tflops("NVIDIA RTX A1000", "bf16")[0] is None  # not an A100
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        peak, why = device_peak_tflops("NVIDIA H100 80GB HBM3", "fp32")
+        assert peak is None and "--peak-tflops" in why  # fp32 without TF32 has no table peak
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert device_peak_tflops("NVIDIA H100 80GB HBM3", "fp32")[0] == 494.7
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

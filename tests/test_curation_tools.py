@@ -180,3 +180,16 @@ def test_bad_input_rules(tmp_path, name):
     assert proc.returncode == 1 and len(lines) == 1 and "corrupt or truncated gzip data" in lines[0], proc.stderr
     proc = run_tool(name, "--input", tmp_path / "missing.jsonl", "--output", out, *extra, check=False)
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: --input {tmp_path / 'missing.jsonl'}: no such file"
+
+
+def test_spans_index_the_original_text_and_only_repeats_count_as_duplicates():
+    from megatron_lite.data.curation.ngrams import words_with_spans
+    from megatron_lite.data.curation.quality import _duplicate_ngram_chars
+
+    text = "İstanbul was big. Ankara is the capital."  # "İ".lower() is two characters
+    _, starts, ends = words_with_spans(text)
+    assert [text[s:e] for s, e in zip(starts, ends)][:2] == ["İstanbul", "was"]
+    assert text[starts[-1]:ends[-1]] == "capital"
+    # Gopher counts the characters of repeats only: "a b" appears twice, the second is the repeat.
+    assert _duplicate_ngram_chars(["a", "b", "a", "b"], 2) == pytest.approx(2 / 4)
+    assert _duplicate_ngram_chars(["a", "b", "c", "d"], 2) == 0.0

@@ -45,6 +45,7 @@ class P2PCommunicator:
         self.batched = self.pstate.backend == "nccl"
         # Wall time spent posting and waiting: transfer plus idling on a neighbour (the bubble).
         self.seconds_blocked = 0.0
+        self.synchronize_after_wait = False  # see ScheduleStats.time_transfers
 
     # ---- the one primitive ------------------------------------------------------------------
     def communicate(self, tensor_send_next: Optional[torch.Tensor], tensor_send_prev: Optional[torch.Tensor],
@@ -93,6 +94,8 @@ class P2PCommunicator:
         start = time.perf_counter()
         try:
             self._post_and_wait(ops)
+            if self.synchronize_after_wait and self.pstate.device.type == "cuda":
+                torch.cuda.synchronize()
         finally:
             self.seconds_blocked += time.perf_counter() - start
 

@@ -45,6 +45,7 @@ class PipelineRun:
         self.forward_only, self.grad_scale = forward_only, grad_scale
         self.collect_non_loss_data = collect_non_loss_data
         self.stats = stats if stats is not None else ScheduleStats(enabled=False)
+        self.comm.synchronize_after_wait = self.stats.time_transfers
         self.stats.begin(self.chunks)
         self.store: list = []
         # Data-parallel no-sync, one context per chunk: each chunk's gradient reduction may start in

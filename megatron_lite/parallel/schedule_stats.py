@@ -30,6 +30,9 @@ class ScheduleStats:
     def __init__(self, enabled: bool = True, track_memory: bool = True):
         self.enabled, self.track_memory = enabled, track_memory
         self.p2p_seconds = 0.0  # time blocked in pipeline transfers (set by the schedule)
+        # On CUDA a transfer's wait returns before the GPU has it: with this set, the communicator
+        # synchronises after each wait so p2p_seconds is the device's wait too (timed steps only).
+        self.time_transfers = False
         self.order: List[Step] = []
         self.live_microbatches = 0
         self.peak_live_microbatches = 0

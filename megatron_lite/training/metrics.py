@@ -17,6 +17,7 @@ import json
 import math
 import os
 import resource
+import re
 import sys
 import time
 from collections import defaultdict
@@ -83,7 +84,11 @@ PEAK_TFLOPS = [
 def device_peak_tflops(device_name: str, dtype: str) -> Tuple[Optional[float], str]:
     """(peak, where it comes from) for a run in ``dtype`` ('bf16', 'fp16' or 'fp32'); (None, why) if unknown."""
     for key, name, half, tf32 in PEAK_TFLOPS:
-        if key in device_name:
+        # a whole model name: "A100" is not in "RTX A1000", nor "H200" in "GH200"
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name):
+            if dtype == "fp32" and not torch.backends.cuda.matmul.allow_tf32:
+                return None, (f"fp32 matmuls without TF32 on {device_name} (torch.backends.cuda.matmul."
+                              "allow_tf32 is off): no table peak; pass --peak-tflops to report MFU")
             peak = tf32 if dtype == "fp32" else half
             if peak is None:
                 break
@@ -102,14 +107,25 @@ def resolve_peak_tflops(given: Optional[float], device: torch.device, dtype: str
 
 
 class StepTimers:
-    """Seconds per phase of the training steps since the last ``averages()``, taken between device
-    synchronisations (so GPU work is counted in the phase that launched it)."""
+    """Seconds per phase of the timed training steps since the last ``averages()``, taken between
+    device synchronisations (so GPU work is counted in the phase that launched it). Only the steps
+    begun with ``begin_step(timed=True)`` are timed (the trainer times one per log interval), so the
+    other steps run without the synchronisations."""
 
     def __init__(self):
         self.totals: Dict[str, float] = defaultdict(float)
+        self.timed = True
+        self.timed_steps = 0
+
+    def begin_step(self, timed: bool) -> None:
+        self.timed = timed
+        self.timed_steps += int(timed)
 
     @contextmanager
     def phase(self, name: str):
+        if not self.timed:
+            yield
+            return
         Timer._sync()
         start = time.perf_counter()
         try:
@@ -120,13 +136,15 @@ class StepTimers:
 
     def move(self, seconds: float, source: str, target: str) -> None:
         """Count ``seconds`` of ``source``'s time as ``target``'s (time blocked inside a phase)."""
+        if not self.timed:
+            return
         self.totals[source] -= seconds
         self.totals[target] += seconds
 
-    def averages(self, iterations: int) -> Dict[str, float]:
-        """{"time_<phase>_s": seconds per iteration}, and start afresh."""
-        out = {f"time_{k}_s": v / max(iterations, 1) for k, v in self.totals.items()}
-        self.totals = defaultdict(float)
+    def averages(self) -> Dict[str, float]:
+        """{"time_<phase>_s": seconds per timed step}, and start afresh."""
+        out = {f"time_{k}_s": v / max(self.timed_steps, 1) for k, v in self.totals.items()}
+        self.totals, self.timed_steps = defaultdict(float), 0
         return out
 
 

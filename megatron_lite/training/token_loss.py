@@ -69,11 +69,21 @@ def scale_to_token_mean(model_chunks, loss_dicts: List[dict], num_microbatches: 
     return tokens
 
 
-def reduce_token_loss(loss_dicts: List[dict], pstate) -> Optional[float]:
-    """Sum of token losses / number of loss tokens over the global batch; None off the last stage."""
+def token_loss_sums(loss_dicts: List[dict], pstate) -> Optional[torch.Tensor]:
+    """[sum of token losses, number of loss tokens] over the global batch (float64); None off the
+    last stage. Evaluation adds these over its iterations and divides once, as Megatron-LM does."""
     if not pstate.is_pipeline_last_stage():
         return None
     sums = _local_sums(loss_dicts, pstate.device)
     if pstate.dp_size > 1:
         dist.all_reduce(sums, group=pstate.dp_group)
-    return float(sums[0] / sums[1].clamp(min=1.0))
+    return sums
+
+
+def token_mean(sums: Optional[torch.Tensor]) -> Optional[float]:
+    return None if sums is None else float(sums[0] / sums[1].clamp(min=1.0))
+
+
+def reduce_token_loss(loss_dicts: List[dict], pstate) -> Optional[float]:
+    """Sum of token losses / number of loss tokens over the global batch; None off the last stage."""
+    return token_mean(token_loss_sums(loss_dicts, pstate))

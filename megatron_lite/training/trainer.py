@@ -42,7 +42,7 @@ from megatron_lite.parallel.params import param_is_duplicate
 from megatron_lite.parallel.schedule_stats import ScheduleStats
 from megatron_lite.training.batch import build_data_iterators
 from megatron_lite.training.heartbeat import Heartbeat
-from megatron_lite.training.token_loss import reduce_token_loss, scale_to_token_mean
+from megatron_lite.training.token_loss import reduce_token_loss, scale_to_token_mean, token_loss_sums, token_mean
 from megatron_lite.training.metrics import (MetricsWriter, OutputPathError, StepTimers, Timer, format_eval_line,
                                             format_train_line, memory_stats, peak_memory_bytes, perplexity,
                                             resolve_peak_tflops, throughput)
@@ -257,7 +257,12 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.heartbeat.beat(self.iteration + 1)
         timers = self.step_timers
+        # The breakdown synchronises the device around each phase: on a GPU, only the last step of
+        # each log interval pays for that (on a CPU there is nothing to wait for: every step).
+        timed = self.pstate.device.type != "cuda" or (self.iteration + 1) % self.cfg.train.log_interval == 0
+        timers.begin_step(timed)
         stats = ScheduleStats(enabled=False)  # only its time blocked in pipeline transfers is read
+        stats.time_transfers = timed
         with self.heartbeat.phase("forward-backward schedule"), timers.phase("forward_backward"):
             loss_dicts = self._run_schedule(self.train_ds, self.consumed_samples, False, "train", stats)
         timers.move(stats.p2p_seconds, "forward_backward", "pipeline_wait")  # the bubble, and transfers
@@ -278,14 +283,21 @@ class Trainer:
         for chunk in self.model:
             chunk.eval()
         t = self.cfg.train
-        losses = []
-        for _ in range(t.eval_iters):
-            consumed = self.consumed_valid_samples if split == "valid" else len(losses) * t.global_batch_size
-            losses.append(self._reduce_loss(self._run_schedule(dataset, consumed, True, split)))
+        losses, token_sums = [], None
+        for i in range(t.eval_iters):
+            consumed = self.consumed_valid_samples if split == "valid" else i * t.global_batch_size
+            loss_dicts = self._run_schedule(dataset, consumed, True, split)
+            if t.calculate_per_token_loss:  # one token mean over every evaluated batch, not a mean of means
+                sums = token_loss_sums(loss_dicts, self.pstate)
+                token_sums = sums if token_sums is None else token_sums + sums
+            else:
+                losses.append(self._reduce_loss(loss_dicts))
             if split == "valid":
                 self.consumed_valid_samples += t.global_batch_size
         for chunk in self.model:
             chunk.train()
+        if t.calculate_per_token_loss:
+            return token_mean(token_sums)
         return None if losses[0] is None else sum(losses) / len(losses)
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -389,7 +401,7 @@ class Trainer:
                 timer.stop()
                 iter_time = timer.reset() / window["iters"]
                 spread = self._step_time_spread(iter_time)  # every rank takes part
-                spread.update(self.step_timers.averages(window["iters"]))
+                spread.update(self.step_timers.averages())
                 summary.step_time_breakdown = {k: v for k, v in spread.items() if k.startswith("time_")}
                 if ps.is_logging_rank:
                     self._log_training(window, iter_time, lr, grad_norm, num_zeros, not ok, spread)
@@ -456,7 +468,7 @@ def pretrain(cfg: Config, datasets_provider: DatasetsProvider, model_provider: M
     trainer = Trainer(cfg, pstate, datasets_provider, model_provider, forward_step_func)
     try:
         summary = trainer.train()
-        if after_training is not None:
+        if after_training is not None and summary.exit_reason != "signal":  # preempted: leave soon
             with trainer.heartbeat.phase("evaluation after training"):
                 after_training(trainer, summary)
         return summary

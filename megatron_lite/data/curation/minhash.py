@@ -53,11 +53,14 @@ class MinHasher:
         return sig.astype(np.uint32)
 
 
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed trapz
+
+
 def _false_rates(threshold: float, bands: int, rows: int, steps: int = 200) -> Tuple[float, float]:
     s = np.linspace(0.0, 1.0, steps + 1)
     p = 1 - (1 - s ** rows) ** bands  # probability that a pair of similarity s shares a band
     below, above = s <= threshold, s >= threshold
-    return float(np.trapezoid(p[below], s[below])), float(np.trapezoid(1 - p[above], s[above]))
+    return float(_trapezoid(p[below], s[below])), float(_trapezoid(1 - p[above], s[above]))
 
 
 def lsh_params(threshold: float, num_perm: int) -> Tuple[int, int]:

@@ -19,16 +19,18 @@ _BASE = np.uint64(0x100000001B3)  # the FNV prime: odd, so the polynomial mixes 
 
 def words_with_spans(text: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(crc32 per word as uint64, start offsets, end offsets)."""
-    matches = list(_WORD.finditer(text.lower()))
-    hashes = np.fromiter((zlib.crc32(m.group().encode()) for m in matches), dtype=np.uint64, count=len(matches))
+    # Spans of the text itself (lower-casing can change its length: "İ" becomes two characters);
+    # each word is lower-cased only for its hash.
+    matches = list(_WORD.finditer(text))
+    hashes = np.fromiter((zlib.crc32(m.group().lower().encode()) for m in matches), dtype=np.uint64,
+                         count=len(matches))
     starts = np.fromiter((m.start() for m in matches), dtype=np.int64, count=len(matches))
     ends = np.fromiter((m.end() for m in matches), dtype=np.int64, count=len(matches))
     return hashes, starts, ends
 
 
 def ngram_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
-    """Hash of every n-gram of consecutive words (len(words) - n + 1 of them; none when fewer words).
-    Lower-casing can change a text's length (rare letters), so spans come from the lowered text."""
+    """Hash of every n-gram of consecutive words (len(words) - n + 1 of them; none when fewer words)."""
     count = len(word_hashes) - n + 1
     if count <= 0:
         return np.zeros(0, dtype=np.uint64)

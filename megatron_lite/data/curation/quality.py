@@ -57,17 +57,18 @@ def _top_ngram_chars(words: List[str], n: int) -> float:
 
 
 def _duplicate_ngram_chars(words: List[str], n: int) -> float:
-    """Fraction of characters inside n-grams that occur more than once (each word counted once)."""
-    if len(words) < n:
-        return 0.0
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    counts = Counter(grams)
-    covered = [False] * len(words)
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            for j in range(i, i + n):
-                covered[j] = True
-    return sum(len(w) for w, c in zip(words, covered) if c) / max(sum(map(len, words)), 1)
+    """Fraction of characters in repeats of an earlier n-gram (the first occurrence is not a
+    repeat; a repeat's words are not counted again), as Gopher's rule and datatrove count it."""
+    seen, repeated, i = set(), 0, 0
+    while i + n <= len(words):
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            repeated += sum(map(len, gram))
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return repeated / max(sum(map(len, words)), 1)
 
 
 def check(text: str, t: Thresholds) -> List[str]:
@@ -99,8 +100,9 @@ def check(text: str, t: Thresholds) -> List[str]:
         if t.max_ellipsis_lines is not None and \
                 sum(ln.rstrip().endswith(ELLIPSES) for ln in lines) / len(lines) > t.max_ellipsis_lines:
             failed.append("max_ellipsis_lines")
-        counts = Counter(lines)
-        dup = [ln for ln in lines if counts[ln] > 1]
+        seen, dup = set(), []  # repeats of an earlier line (its first occurrence is not one)
+        for ln in lines:
+            (dup.append if ln in seen else seen.add)(ln)
         if t.max_duplicate_lines is not None and len(dup) / len(lines) > t.max_duplicate_lines:
             failed.append("max_duplicate_lines")
         if t.max_duplicate_line_chars is not None and \
