@@ -193,3 +193,17 @@ def test_numpy_ids_and_lone_surrogate(shared_data, tokenizer_files):
         assert ids.dtype == np.int64 and ids.tolist() == tok.tokenize("Hello world, 東京 😀")
         with pytest.raises(ValueError, match="not valid Unicode"):  # tiktoken itself would write U+FFFD
             tok.tokenize_to_numpy("a \ud800 b")
+
+
+def test_second_build_comes_from_the_state_cache_with_the_same_ids_and_warnings(tmp_path):
+    vocab, merges = write_files(tmp_path / "tok", [("a", "b"), ("b", "c"), ("ab", "c")])
+    with open(merges, "a", encoding="utf-8") as f:
+        f.write("a c")  # no final newline: Megatron-LM drops this merge, and we say so
+    with pytest.warns(TokenizerWarning, match="does not end with a newline"):
+        first = GPT2BPETokenizer(vocab, merges)
+    with pytest.warns(TokenizerWarning, match="does not end with a newline"):  # said again from the cache
+        second = GPT2BPETokenizer(vocab, merges)
+    assert first._files is not None and second._files is None  # the files were not read
+    text = "abc abcc ca"
+    assert second.tokenize(text) == first.tokenize(text) and second.detokenize(second.tokenize(text)) == text
+    assert second.vocab == first.vocab and second.eod == first.eod and second.vocab_size == first.vocab_size

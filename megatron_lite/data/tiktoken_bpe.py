@@ -96,6 +96,45 @@ def files_digest(*paths: str) -> str:
     return h.hexdigest()
 
 
+STATE_VERSION = 1
+
+
+def _state_path(vocab_file: str, merge_file: str) -> str:
+    return os.path.join(_cache_dir(), f"{files_digest(vocab_file, merge_file)}.state{STATE_VERSION}.pkl")
+
+
+def load_state(vocab_file: str, merge_file: str) -> Optional[dict]:
+    """What a tokenizer on the tiktoken path needs from these two files (vocab size, end-of-document id,
+    id -> bytes, merge ranks, rank -> id, the warnings reading them gave), as ``save_state`` cached
+    it: reading and checking GPT-2's 50k merges costs ~0.2 s, a process start-up's largest part."""
+    import pickle
+
+    try:
+        # Only while the cached exactness verdict still says tiktoken is exact for these files.
+        with open(os.path.join(_cache_dir(), files_digest(vocab_file, merge_file) + ".json"), encoding="utf-8") as f:
+            if json.load(f).get("problems") != []:
+                return None
+        with open(_state_path(vocab_file, merge_file), "rb") as f:
+            state = pickle.load(f)
+        return state if isinstance(state, dict) and state.get("version") == STATE_VERSION else None
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError, KeyError):
+        return None  # absent, from another version, or damaged: built from the files again
+
+
+def save_state(vocab_file: str, merge_file: str, state: dict) -> None:
+    import pickle
+
+    from megatron_lite.io_utils import atomic_open
+
+    try:
+        path = _state_path(vocab_file, merge_file)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_open(path, "wb") as f:
+            pickle.dump(dict(state, version=STATE_VERSION), f, protocol=pickle.HIGHEST_PROTOCOL)
+    except OSError:
+        pass  # a read-only home: built from the files next time too
+
+
 def cached_exactness_problems(vocab_file: str, merge_file: str, compute) -> List[str]:
     """``compute()``'s verdict for these two files, from the cache when it has it."""
     path = os.path.join(_cache_dir(), files_digest(vocab_file, merge_file) + ".json")

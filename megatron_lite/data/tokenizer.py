@@ -17,6 +17,7 @@ the Unicode tables of the pre-tokenizer regex:
 As in Megatron-LM, ``<|endoftext|>`` appearing in raw text is plain text (it splits into ``<|``,
 ``endoftext``, ``|>``); only the ``eod`` id appended by the data pipeline marks a document end.
 """
+import functools
 import json
 import os
 import warnings
@@ -180,21 +181,61 @@ class GPT2BPETokenizer:
     (today's with ``fast=True``, the legacy ``gpt2_tokenization.py`` with ``fast=False``)."""
 
     def __init__(self, vocab_file: str, merge_file: str, fast: bool = True):
+        from megatron_lite.data import tiktoken_bpe
+
         self.vocab_file, self.merge_file, self.fast = vocab_file, merge_file, bool(fast)
-        self.vocab = load_gpt2_vocab(vocab_file)
-        merges = load_gpt2_merges(merge_file)
-        _check_gpt2_files(self.vocab, merges, vocab_file, merge_file)
-        self.inv_vocab = {i: t for t, i in self.vocab.items()}
-        self.vocab_size = max(self.inv_vocab) + 1  # == len(vocab) for the usual gap-free files
-        self.eod = self.vocab[EOD_TOKEN]
-        self.byte_encoder = bytes_to_unicode()
-        self._id_bytes = {i: self._token_bytes(t) for t, i in self.vocab.items()}
-        # A later duplicate of a pair overrides the earlier rank, as dict(zip(...)) does in Megatron-LM.
-        self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         self._cache: Dict[str, Tuple[str, ...]] = {}  # BPE symbols -> merged symbols (pure path)
         self.pattern = regex.compile(GPT2_SPLIT_PATTERN) if not self.fast else None
         self.backend = None  # "tiktoken" or "exact-merges" on the fast path
+        self._files = None  # (vocab, merges) once read
+        state = tiktoken_bpe.load_state(vocab_file, merge_file) if self.fast else None
+        if state is not None:  # the tiktoken path from the cache: the files are read only if asked for
+            for message in state["warnings"]:
+                warnings.warn(message, TokenizerWarning, stacklevel=2)
+            self.vocab_size, self.eod, self._id_bytes = state["vocab_size"], state["eod"], state["id_bytes"]
+            self.backend = "tiktoken"
+            self._fast = tiktoken_bpe.TiktokenBPE(state["ranks"], state["rank_to_id"], GPT2_SPLIT_PATTERN)
+            return
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            vocab, merges = load_gpt2_vocab(vocab_file), load_gpt2_merges(merge_file)
+        for w in said:  # said again from here (and kept in the cache, to be said on every start)
+            warnings.warn(w.message, w.category, stacklevel=2)
+        _check_gpt2_files(vocab, merges, vocab_file, merge_file)
+        self._files = (vocab, merges)
+        self.vocab_size = max(self.inv_vocab) + 1  # == len(vocab) for the usual gap-free files
+        self.eod = vocab[EOD_TOKEN]
+        self._id_bytes = {i: self._token_bytes(t) for t, i in vocab.items()}
         self._fast = self._build_fast(merges) if self.fast else None
+        if self.backend == "tiktoken":
+            tiktoken_bpe.save_state(vocab_file, merge_file, {
+                "vocab_size": self.vocab_size, "eod": self.eod, "id_bytes": self._id_bytes,
+                "ranks": self._ranks, "rank_to_id": self._rank_to_id, "warnings": [str(w.message) for w in said]})
+
+    # The files' own tables: read on first use when the tokenizer came from the cache.
+    def _read_files(self):
+        if self._files is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # said when the tokenizer was built
+                self._files = (load_gpt2_vocab(self.vocab_file), load_gpt2_merges(self.merge_file))
+        return self._files
+
+    @property
+    def vocab(self) -> Dict[str, int]:
+        return self._read_files()[0]
+
+    @functools.cached_property
+    def inv_vocab(self) -> Dict[int, str]:
+        return {i: t for t, i in self.vocab.items()}
+
+    @functools.cached_property
+    def bpe_ranks(self) -> Dict[Tuple[str, str], int]:
+        # A later duplicate of a pair overrides the earlier rank, as dict(zip(...)) does in Megatron-LM.
+        return {pair: rank for rank, pair in enumerate(self._read_files()[1])}
+
+    @functools.cached_property
+    def byte_encoder(self) -> Dict[int, str]:
+        return bytes_to_unicode()
 
     @staticmethod
     def _token_bytes(token: str) -> bytes:
@@ -215,9 +256,9 @@ class GPT2BPETokenizer:
             self.backend = "exact-merges"
             return tiktoken_bpe.ExactBPE(self.vocab, merges)
         self.backend = "tiktoken"
-        ranks, rank_to_id = tiktoken_bpe.mergeable_ranks(self.vocab, merges, self._id_bytes,
-                                                           self.byte_encoder)
-        return tiktoken_bpe.TiktokenBPE(ranks, rank_to_id, GPT2_SPLIT_PATTERN)
+        self._ranks, self._rank_to_id = tiktoken_bpe.mergeable_ranks(self.vocab, merges, self._id_bytes,
+                                                                     self.byte_encoder)
+        return tiktoken_bpe.TiktokenBPE(self._ranks, self._rank_to_id, GPT2_SPLIT_PATTERN)
 
     def __reduce__(self):
         # Rebuilt from the files in the receiving process: a few ms, and no Rust object to serialize.
