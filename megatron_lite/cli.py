@@ -130,3 +130,22 @@ def run_main(body: Callable[[], int], *, usage_status: int = EXIT_FAILURE,
         return body()
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - report() re-raises bugs
         return report(e, usage_status=usage_status, interrupted_message=interrupted_message)
+
+
+def run_distributed_main(body: Callable[[], int], *, usage_status: int = EXIT_USAGE) -> int:
+    """``run_main`` for an entry point that may start process groups (the trainer, the inference
+    tools): they are torn down afterwards. A teardown that fails after an error already reported
+    (a dead peer) stays quiet; after a success it is a bug and raises."""
+    failed = True
+    try:
+        status = run_main(body, usage_status=usage_status)
+        failed = status != 0
+        return status
+    finally:
+        if "torch" in sys.modules:  # nothing to tear down in a tool that failed before importing torch
+            from megatron_lite.parallel.state import destroy_parallel
+            try:
+                destroy_parallel()
+            except Exception:  # noqa: BLE001
+                if not failed:
+                    raise

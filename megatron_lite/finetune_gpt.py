@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
+from megatron_lite.cli import run_distributed_main
 from megatron_lite.errors import ConfigError
 
 TASKS = ("sft", "classification")
@@ -288,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         finetune_gpt(cfg, ft)
         return 0
 
-    return pretrain_gpt.run_task(body)
+    return run_distributed_main(body)
 
 
 if __name__ == "__main__":

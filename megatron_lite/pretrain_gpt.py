@@ -13,7 +13,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from megatron_lite.cli import EXIT_USAGE, run_main
+from megatron_lite.cli import run_distributed_main
 
 
 def model_provider(cfg, pstate):
@@ -113,25 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         pretrain_gpt(cfg)
         return 0
 
-    return run_task(body)
-
-
-def run_task(body) -> int:
-    """An entry point's exit status: ``body()`` through the one reporter, then the process groups
-    torn down (a task's main, e.g. finetune_gpt's, ends the same way)."""
-    from megatron_lite.parallel.state import destroy_parallel
-
-    failed = True
-    try:
-        status = run_main(body, usage_status=EXIT_USAGE)
-        failed = status != 0
-        return status
-    finally:
-        try:
-            destroy_parallel()
-        except Exception:  # noqa: BLE001 - a dead peer can make teardown fail too; the error is reported
-            if not failed:
-                raise
+    return run_distributed_main(body)
 
 
 if __name__ == "__main__":

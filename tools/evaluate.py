@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from megatron_lite.cli import EXIT_USAGE, run_main
+from megatron_lite.cli import run_distributed_main
 
 
 def parse_args(argv=None):
@@ -178,13 +178,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from megatron_lite.parallel.state import destroy_parallel
-
     args = parse_args(argv)
-    try:
-        return run_main(lambda: run(args), usage_status=EXIT_USAGE)
-    finally:
-        destroy_parallel()
+    return run_distributed_main(lambda: run(args))
 
 
 if __name__ == "__main__":

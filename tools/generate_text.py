@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_lite.cli import EXIT_USAGE, run_main
+from megatron_lite.cli import run_distributed_main
 
 
 def parse_args(argv=None):
@@ -98,13 +98,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from megatron_lite.parallel.state import destroy_parallel
-
     args = parse_args(argv)
-    try:
-        return run_main(lambda: run(args), usage_status=EXIT_USAGE)
-    finally:
-        destroy_parallel()
+    return run_distributed_main(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -12,21 +12,18 @@ the run with one error naming the file (an existing output is left as it was).
 """
 
 import argparse
-import gzip
 import json
-import multiprocessing
 import os
 import resource
-import signal
 import sys
-import threading
 import time
 import warnings
-import zlib
 
 import numpy as np
 
 from megatron_lite.cli import run_main
+from megatron_lite.data.jsonl_stream import (GZIP_ERRORS, check_readable, install_signal_handlers, ordered_map,
+                                             read_batches, read_error)
 from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, data_file_path, index_file_path
 from megatron_lite.errors import ConfigError, InputError, OutputPathError, TokenizerError
 
@@ -69,25 +66,16 @@ def _tokenizer_kwargs(args) -> dict:
                 fast=args.tokenizer_impl == "fast")
 
 
-def _check_readable(flag: str, path: str) -> None:
-    if os.path.isdir(path):
-        raise InputError(f"{flag} {path}: is a directory; give a file path")
-    if not os.path.isfile(path):
-        raise InputError(f"{flag} {path}: no such file")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{flag} {path}: file is not readable (check its permissions)")
-
-
 def check_args(args) -> None:
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be at least 1")
     if args.log_interval < 1:
         raise ConfigError(f"--log-interval {args.log_interval}: must be at least 1")
-    _check_readable("--input", args.input)
+    check_readable("--input", args.input)
     for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file),
                        ("--tokenizer-model", args.tokenizer_model)):
         if path is not None:
-            _check_readable(flag, path)
+            check_readable(flag, path)
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     if not os.path.isdir(out_dir):
         raise OutputPathError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not exist "
@@ -122,10 +110,8 @@ def init_worker(tokenizer_kwargs, json_keys, append_eod, dtype, source_name, tok
                    source=source_name)
 
 
-def init_pool_worker(*init_args) -> None:
-    """Pool initializer: the parent alone handles Ctrl-C and kill, and stops the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pool.terminate() must end a worker quietly
+def quiet_init_worker(*init_args) -> None:
+    """A pool worker's initializer (the pool itself leaves Ctrl-C and kill to the parent)."""
     warnings.simplefilter("ignore")  # the parent has said whatever building the tokenizer had to say
     init_worker(*init_args)
 
@@ -208,50 +194,6 @@ def encode_batch(batch):
     return out, [f"{source}:{lineno}: {reason}" for lineno, reason in sorted(bad.items())], nbytes
 
 
-# -- reading -------------------------------------------------------------------------------------
-UTF8_BOM = b"\xef\xbb\xbf"
-# What reading a damaged .gz raises: a bad header or CRC (gzip.BadGzipFile, an OSError without a
-# file name), a corrupt deflate stream (zlib.error), or a file cut short (EOFError).
-GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
-
-
-def read_error(path: str, e: BaseException, lines_read=None) -> InputError:
-    """The one-line InputError for a failure while reading `path` after `lines_read` whole lines
-    (None: not known)."""
-    where = "" if lines_read is None else f" after line {lines_read}" if lines_read else " at its start"
-    if isinstance(e, GZIP_ERRORS):
-        return InputError(f"--input {path}: could not read it: corrupt or truncated gzip data{where} "
-                          f"({str(e) or type(e).__name__}); re-download or re-compress the file")
-    reason = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
-    return InputError(f"--input {path}: could not read it{where}: {reason}")
-
-
-def read_batches(path: str):
-    """Yield lists of (1-based line number, raw line bytes), about BATCH_BYTES each.
-
-    A UTF-8 byte-order mark at the start of the file is dropped. A read error (an unreadable file,
-    a truncated or corrupt .gz) is an InputError naming the file and the last whole line read."""
-    lineno = 0
-    try:
-        with open(path, "rb") as f:
-            compressed = f.read(2) == b"\x1f\x8b"
-        opener = gzip.open if compressed else open
-        with opener(path, "rb") as f:
-            batch, size = [], 0
-            for lineno, raw in enumerate(f, start=1):
-                if lineno == 1 and raw.startswith(UTF8_BOM):
-                    raw = raw[len(UTF8_BOM):]
-                batch.append((lineno, raw))
-                size += len(raw)
-                if size >= BATCH_BYTES or len(batch) >= BATCH_LINES:
-                    yield batch
-                    batch, size = [], 0
-            if batch:
-                yield batch
-    except (OSError, *GZIP_ERRORS) as e:  # includes a truncated or corrupt .gz
-        raise read_error(path, e, lineno) from None  # lineno: the last whole line read
-
-
 def gzip_damage(path: str):
     """The InputError that reading all of `path` ends in when it is a damaged .gz, else None."""
     with open(path, "rb") as f:
@@ -263,15 +205,6 @@ def gzip_damage(path: str):
     except InputError as e:
         return e
     return None
-
-
-def _bounded(iterable, slots: threading.Semaphore, stop: threading.Event):
-    # Pool.imap drains its input as fast as it can; this keeps only a few batches in flight.
-    for item in iterable:
-        slots.acquire()
-        if stop.is_set():  # shutting down: let the pool's feeder thread finish
-            return
-        yield item
 
 
 def output_prefix(args, key: str) -> str:
@@ -288,21 +221,15 @@ def run(args) -> dict:
     builders = {key: IndexedDatasetBuilder(data_file_path(output_prefix(args, key)), dtype)
                 for key in args.json_keys}
     stats = dict(documents=0, skipped=0, tokens=0, bytes=0)
-    pool = None
-    in_flight = 4 * args.workers
-    slots, stop = threading.Semaphore(in_flight), threading.Event()
     start, cpu_start = time.time(), _cpu_seconds()
     next_log = args.log_interval
+    results = None
     try:
-        batches = _bounded(read_batches(args.input), slots, stop)
         init_worker(*init_args, tokenizer=tokenizer)  # before the pool: forked workers inherit it
-        if args.workers == 1:
-            results = map(encode_batch, batches)
-        else:
-            pool = _pool_context().Pool(args.workers, initializer=init_pool_worker, initargs=init_args)
-            results = pool.imap(encode_batch, batches)
+        results = ordered_map(encode_batch, read_batches(args.input, batch_bytes=BATCH_BYTES, batch_lines=BATCH_LINES),
+                              args.workers, initializer=quiet_init_worker if args.workers > 1 else None,
+                              initargs=init_args)
         for out, bad, nbytes in results:
-            slots.release()
             for message in bad:
                 if args.strict:
                     # A corrupt .gz inflates to garbage lines before its CRC check fails: name the cause.
@@ -328,23 +255,13 @@ def run(args) -> dict:
     except OSError as e:
         raise OutputPathError(f"--output-prefix {args.output_prefix}: could not write the output: {e}") from None
     finally:
-        if pool is not None:
-            stop.set()
-            slots.release(in_flight + 1)  # unblock the feeder so terminate() can join it
-            pool.terminate()
-            pool.join()
+        if results is not None:
+            results.close()  # stops the pool (its workers are joined before the CPU time is read)
         for builder in builders.values():
             builder.abort()  # no-op for finalized builders; removes temporaries otherwise
     stats["seconds"] = time.time() - start
     stats["cpu_seconds"] = _cpu_seconds() - cpu_start  # pool workers are joined by now
     return stats
-
-
-def _pool_context():
-    # fork shares the parent's built tokenizer with the workers (tiktoken's tables take ~0.2 s to
-    # build for GPT-2's 50k merges); where there is no fork, each worker builds its own.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None)
 
 
 def _cpu_seconds() -> float:
@@ -370,10 +287,6 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # --workers is the parallelism: keep the Rust tokenizer to one thread per process.
@@ -381,8 +294,7 @@ def main(argv=None) -> int:
     warnings.formatwarning = _format_warning
     # Ctrl-C and `kill` both unwind through run(), which deletes the temporaries (a shell may
     # have started us with SIGINT ignored, so install the handler explicitly).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    install_signal_handlers()
 
     def body() -> int:
         print(format_summary(run(args)), flush=True)

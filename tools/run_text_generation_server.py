@@ -16,7 +16,7 @@ import argparse
 import signal
 import sys
 
-from megatron_lite.cli import EXIT_USAGE, run_main
+from megatron_lite.cli import EXIT_USAGE, run_distributed_main
 
 
 def parse_args(argv=None):
@@ -85,13 +85,8 @@ def _shared_from_rank0(value):
 
 
 def main(argv=None) -> int:
-    from megatron_lite.parallel.state import destroy_parallel
-
     args = parse_args(argv)
-    try:
-        return run_main(lambda: run(args), usage_status=EXIT_USAGE)
-    finally:
-        destroy_parallel()
+    return run_distributed_main(lambda: run(args))
 
 
 if __name__ == "__main__":
