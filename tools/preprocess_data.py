@@ -23,7 +23,7 @@ import numpy as np
 
 from megatron_lite.cli import run_main
 from megatron_lite.data.jsonl_stream import (GZIP_ERRORS, check_readable, install_signal_handlers, ordered_map,
-                                             read_batches, read_error)
+                                             parse_json_line, read_batches, read_error)
 from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, data_file_path, index_file_path
 from megatron_lite.errors import ConfigError, InputError, OutputPathError, TokenizerError
 
@@ -116,34 +116,6 @@ def quiet_init_worker(*init_args) -> None:
     init_worker(*init_args)
 
 
-def _parse_line(raw: bytes, keys):
-    """Return ({key: text}, None) or (None, reason) for one input line."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
-    if not line.strip():
-        return None, "empty line"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return None, f"malformed JSON ({e.msg} at column {e.colno})"
-    if not isinstance(obj, dict):
-        return None, f"not a JSON object (got {type(obj).__name__})"
-    texts = {}
-    for key in keys:
-        if key not in obj:
-            return None, f"missing key {key!r}"
-        if not isinstance(obj[key], str):
-            return None, f"value of key {key!r} is not a string (got {type(obj[key]).__name__})"
-        try:
-            obj[key].encode("utf-8")
-        except UnicodeEncodeError as e:  # valid JSON ("\ud800"), but no text: a lone surrogate
-            return None, f"value of key {key!r} is not valid Unicode ({e.reason} at character {e.start})"
-        texts[key] = obj[key]
-    return texts, None
-
-
 def _tokenize_one(tok, text):
     to_numpy = getattr(tok, "tokenize_to_numpy", None)  # GPT2BPETokenizer: no Python list per text
     return to_numpy(text) if to_numpy is not None else np.asarray(tok.tokenize(text), dtype=np.int64)
@@ -167,7 +139,7 @@ def encode_batch(batch):
     good, bad, nbytes = [], {}, 0
     for lineno, raw in batch:
         nbytes += len(raw)
-        texts, reason = _parse_line(raw, keys)
+        texts, reason = parse_json_line(raw, keys)
         if reason is None:
             good.append((lineno, texts))
         else:

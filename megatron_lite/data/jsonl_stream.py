@@ -7,6 +7,7 @@ the tool so it deletes its temporaries.
 from __future__ import annotations
 
 import gzip
+import json
 import multiprocessing
 import os
 import signal
@@ -70,6 +71,34 @@ def read_batches(path: str, progress=None, batch_bytes: int = BATCH_BYTES,
                 yield batch
     except (OSError, *GZIP_ERRORS) as e:
         raise read_error(path, e, lineno) from None
+
+
+def parse_json_line(raw: bytes, keys):
+    """Return ({key: text}, None) or (None, reason) for one input line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    if not line.strip():
+        return None, "empty line"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON ({e.msg} at column {e.colno})"
+    if not isinstance(obj, dict):
+        return None, f"not a JSON object (got {type(obj).__name__})"
+    texts = {}
+    for key in keys:
+        if key not in obj:
+            return None, f"missing key {key!r}"
+        if not isinstance(obj[key], str):
+            return None, f"value of key {key!r} is not a string (got {type(obj[key]).__name__})"
+        try:
+            obj[key].encode("utf-8")
+        except UnicodeEncodeError as e:  # valid JSON ("\ud800"), but no text: a lone surrogate
+            return None, f"value of key {key!r} is not valid Unicode ({e.reason} at character {e.start})"
+        texts[key] = obj[key]
+    return texts, None
 
 
 def _bounded(iterable, slots: threading.Semaphore, stop: threading.Event):

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import Iterable, Tuple
 
 from megatron_lite.data.jsonl_stream import (  # noqa: F401 - the curation tools use them as common.*
-    GZIP_ERRORS, check_readable, install_signal_handlers, ordered_map, read_batches, read_error)
+    GZIP_ERRORS, check_readable, install_signal_handlers, ordered_map, parse_json_line, read_batches, read_error)
 from megatron_lite.errors import ConfigError, InputError, OutputPathError
 from megatron_lite.io_utils import atomic_path, write_json_atomic
 
@@ -63,28 +63,8 @@ def report_path(output: str) -> str:
 
 def parse_line(raw: bytes, key: str):
     """(text, None) or (None, reason) for one input line."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
-    if not line.strip():
-        return None, "empty line"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return None, f"malformed JSON ({e.msg} at column {e.colno})"
-    if not isinstance(obj, dict):
-        return None, f"not a JSON object (got {type(obj).__name__})"
-    if key not in obj:
-        return None, f"missing key {key!r}"
-    text = obj[key]
-    if not isinstance(text, str):
-        return None, f"value of key {key!r} is not a string (got {type(text).__name__})"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return None, f"value of key {key!r} is not valid Unicode ({e.reason} at character {e.start})"
-    return text, None
+    texts, reason = parse_json_line(raw, (key,))
+    return (None, reason) if texts is None else (texts[key], None)
 
 
 def parse_batch(batch, key: str):
