@@ -12,7 +12,6 @@ the run with one error naming the file (an existing output is left as it was).
 """
 
 import argparse
-import json
 import os
 import resource
 import sys
