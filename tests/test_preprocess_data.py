@@ -331,3 +331,25 @@ def test_start_up_is_light_and_a_lost_merge_is_said_once(tmp_path, tokenizer_fil
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1 and "does not end with a newline" in warnings[0], proc.stderr
     assert "Traceback" not in proc.stderr and "TokenizerWarning" not in proc.stderr
+
+
+def _peak_rss_mb(tmp_path, input_path, tokenizer_files, workers):
+    """Peak resident memory (MB) of the tool and its workers, measured by a wrapper process of its own."""
+    wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", wrapper, sys.executable, TOOL, "--input", str(input_path),
+                          "--output-prefix", str(tmp_path / f"rss_{os.path.basename(str(input_path))}_{workers}"),
+                          *tokenizer_args(tokenizer_files), "--append-eod", "--workers", str(workers)],
+                         capture_output=True, text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return float(out.stdout.strip())
+
+
+def test_memory_stays_bounded_as_the_input_grows(tmp_path, tokenizer_files):
+    """Streamed: eight times the input (12 MB) costs no more than a few MB of extra peak memory."""
+    line = json.dumps({"text": random_text(random.Random(5), 500)}) + "\n"
+    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    small.write_text(line * (1_500_000 // len(line)))
+    big.write_text(line * (12_000_000 // len(line)))
+    for workers in (1, 2):
+        grown = _peak_rss_mb(tmp_path, big, tokenizer_files, workers) - _peak_rss_mb(tmp_path, small, tokenizer_files, workers)
+        assert grown < 6, (workers, grown)  # the input alone grew by 10.5 MB
