@@ -135,8 +135,11 @@ def ordered_map(func: Callable, batches: Iterable, workers: int, initializer=Non
             yield result
     finally:
         stop.set()
-        slots.release(in_flight + 1)
-        pool.terminate()
+        slots.release(in_flight + 1)  # the feeder thread stops at its next batch
+        # close() + join(), not terminate(): an idle worker waits for a task holding the task queue's
+        # lock, which terminate() must take first, so an early stop (Ctrl-C, an error) could hang there.
+        # Closed, the pool finishes the few batches in flight and its workers exit.
+        pool.close()
         pool.join()
 
 
