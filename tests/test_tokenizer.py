@@ -344,11 +344,14 @@ def test_merges_read_as_megatron_with_a_warning_where_a_merge_is_lost(tmp_path, 
         GPT2BPETokenizer(*tiny_files, fast=fast)
 
 
+CORPORA = ("tinyshakespeare/input.jsonl", "wikitext-2/valid.jsonl", "wikitext-2/test.jsonl",
+           "lambada/lambada_test.jsonl", "gutenberg/gutenberg.jsonl")
+
+
 def _corpus_slices(root, chars=300_000):
     """The first `chars` characters of every JSONL corpus (whole documents, the last one cut)."""
     slices = {}
-    for rel in ("tinyshakespeare/input.jsonl", "wikitext-2/valid.jsonl", "wikitext-2/test.jsonl",
-                "lambada/lambada_test.jsonl", "gutenberg/gutenberg.jsonl"):
+    for rel in CORPORA:
         docs, size = [], 0
         with open(os.path.join(root, rel), encoding="utf-8") as f:
             for line in f:

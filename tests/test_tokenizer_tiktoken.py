@@ -16,8 +16,7 @@ import regex
 from megatron_lite.data import tiktoken_bpe
 from megatron_lite.data.tokenizer import EOD_TOKEN, GPT2BPETokenizer, TokenizerWarning, bytes_to_unicode
 
-CORPORA = ("tinyshakespeare/input.jsonl", "wikitext-2/valid.jsonl", "wikitext-2/test.jsonl",
-           "lambada/lambada_test.jsonl", "gutenberg/gutenberg.jsonl")
+from test_tokenizer import CORPORA, _corpus_slices
 
 
 @pytest.fixture(autouse=True)
@@ -70,17 +69,8 @@ def generated_texts(n=400, seed=7):
 
 
 def corpus_sample(root, chars):
-    """The first `chars` characters of every corpus (whole documents, the last one cut)."""
-    docs = []
-    for rel in CORPORA:
-        size = 0
-        with open(os.path.join(root, rel), encoding="utf-8") as f:
-            for line in f:
-                docs.append(json.loads(line)["text"][:chars - size])
-                size += len(docs[-1])
-                if size >= chars:
-                    break
-    return docs
+    """The first `chars` characters of every corpus, as one list of documents."""
+    return [d for docs in _corpus_slices(root, chars).values() for d in docs]
 
 
 def test_ids_equal_gpt2_tokenizer_fast_on_sample_and_recent_unicode(tmp_path, shared_data, tokenizer_files):

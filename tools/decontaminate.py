@@ -18,7 +18,6 @@ import sys
 
 import numpy as np
 
-from megatron_lite.cli import run_main
 from megatron_lite.data.curation import common
 from megatron_lite.data.curation.ngrams import ngram_hashes, words_with_spans
 from megatron_lite.errors import ConfigError
@@ -155,17 +154,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    common.install_signal_handlers()
-
-    def body() -> int:
-        s = run(args)
-        print(f"done: documents={s['documents']} touched={s['touched']} removed={s['removed']} split={s['split']} "
-              f"written={s['written']} ngram_hits={s['ngram_hits']} distinct_ngrams_hit={s['distinct_ngrams_hit']} "
-              f"skipped={s['skipped']} docs/s={s['docs_per_s']}; report: {args.report}", flush=True)
-        return 0
-
-    return run_main(body)
+    return common.tool_main(build_parser, run, argv, ("documents", "touched", "removed", "split", "written",
+                                                      "ngram_hits", "distinct_ngrams_hit", "skipped", "docs_per_s"))
 
 
 if __name__ == "__main__":

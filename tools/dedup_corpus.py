@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import sys
 
-from megatron_lite.cli import run_main
 from megatron_lite.data.curation import common
 from megatron_lite.data.curation.minhash import LSHIndex, MinHasher, normalize
 from megatron_lite.errors import ConfigError
@@ -100,17 +99,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    common.install_signal_handlers()
-
-    def body() -> int:
-        s = run(args)
-        print(f"done: documents={s['documents']} kept={s['kept']} exact_duplicates={s['exact_duplicates']} "
-              f"near_duplicates={s['near_duplicates']} clusters={s['clusters']} skipped={s['skipped']} "
-              f"docs/s={s['docs_per_s']}; report: {args.report}", flush=True)
-        return 0
-
-    return run_main(body)
+    return common.tool_main(build_parser, run, argv, ("documents", "kept", "exact_duplicates", "near_duplicates",
+                                                      "clusters", "skipped", "docs_per_s"))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import argparse
 import sys
 from dataclasses import fields
 
-from megatron_lite.cli import run_main
 from megatron_lite.data.curation import common
 from megatron_lite.data.curation.quality import RULES, Thresholds, check
 from megatron_lite.errors import ConfigError
@@ -110,17 +109,11 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    common.install_signal_handlers()
+    def by_rule(s) -> str:
+        return "removed by rule: " + (" ".join(f"{n}={c}" for n, c in s["removed_per_rule"].items()) or "none")
 
-    def body() -> int:
-        s = run(args)
-        rules = " ".join(f"{n}={c}" for n, c in s["removed_per_rule"].items())
-        print(f"done: documents={s['documents']} kept={s['kept']} removed={s['removed']} skipped={s['skipped']} "
-              f"docs/s={s['docs_per_s']}; removed by rule: {rules or 'none'}; report: {args.report}", flush=True)
-        return 0
-
-    return run_main(body)
+    return common.tool_main(build_parser, run, argv, ("documents", "kept", "removed", "skipped", "docs_per_s"),
+                            extra=by_rule)
 
 
 if __name__ == "__main__":

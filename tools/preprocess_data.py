@@ -21,8 +21,9 @@ import warnings
 import numpy as np
 
 from megatron_lite.cli import run_main
-from megatron_lite.data.jsonl_stream import (GZIP_ERRORS, check_readable, install_signal_handlers, ordered_map,
-                                             parse_json_line, read_batches, read_error)
+from megatron_lite.data.jsonl_stream import (GZIP_ERRORS, check_output_location, check_pool_args, check_readable,
+                                             install_signal_handlers, ordered_map, parse_json_line, read_batches,
+                                             read_error)
 from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, data_file_path, index_file_path
 from megatron_lite.errors import ConfigError, InputError, OutputPathError, TokenizerError
 
@@ -66,21 +67,13 @@ def _tokenizer_kwargs(args) -> dict:
 
 
 def check_args(args) -> None:
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: must be at least 1")
-    if args.log_interval < 1:
-        raise ConfigError(f"--log-interval {args.log_interval}: must be at least 1")
+    check_pool_args(args)
     check_readable("--input", args.input)
     for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file),
                        ("--tokenizer-model", args.tokenizer_model)):
         if path is not None:
             check_readable(flag, path)
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    if not os.path.isdir(out_dir):
-        raise OutputPathError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not exist "
-                              f"(create it first)")
-    if not os.access(out_dir, os.W_OK):
-        raise OutputPathError(f"--output-prefix {args.output_prefix}: directory {out_dir} is not writable")
+    check_output_location("--output-prefix", args.output_prefix)
     if len(set(args.json_keys)) != len(args.json_keys):
         raise ConfigError(f"--json-keys {' '.join(args.json_keys)}: a key is repeated")
 

@@ -15,7 +15,7 @@ import threading
 import zlib
 from typing import Callable, Iterable, Iterator, List, Tuple
 
-from megatron_lite.errors import InputError
+from megatron_lite.errors import ConfigError, InputError, OutputPathError
 
 BATCH_BYTES = 1 << 20
 BATCH_LINES = 2048
@@ -32,6 +32,23 @@ def check_readable(flag: str, path: str) -> None:
         raise InputError(f"{flag} {path}: no such file")
     if not os.access(path, os.R_OK):
         raise InputError(f"{flag} {path}: file is not readable (check its permissions)")
+
+
+def check_pool_args(args) -> None:
+    """--workers and --log-interval, as every streaming tool takes them."""
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    if args.log_interval < 1:
+        raise ConfigError(f"--log-interval {args.log_interval}: must be at least 1")
+
+
+def check_output_location(flag: str, path: str) -> None:
+    """The directory an output goes to exists and is writable (checked before any work)."""
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise OutputPathError(f"{flag} {path}: directory {out_dir} does not exist (create it first)")
+    if not os.access(out_dir, os.W_OK):
+        raise OutputPathError(f"{flag} {path}: directory {out_dir} is not writable")
 
 
 def read_error(path: str, e: BaseException, lines_read=None) -> InputError:

@@ -99,8 +99,10 @@ def files_digest(*paths: str) -> str:
 STATE_VERSION = 1
 
 
-def _state_path(vocab_file: str, merge_file: str) -> str:
-    return os.path.join(_cache_dir(), f"{files_digest(vocab_file, merge_file)}.state{STATE_VERSION}.pkl")
+def _cache_paths(vocab_file: str, merge_file: str) -> Tuple[str, str]:
+    """(the exactness verdict's path, the state's path) for these files: one read of each file."""
+    base = os.path.join(_cache_dir(), files_digest(vocab_file, merge_file))
+    return base + ".json", f"{base}.state{STATE_VERSION}.pkl"
 
 
 def load_state(vocab_file: str, merge_file: str) -> Optional[dict]:
@@ -110,11 +112,12 @@ def load_state(vocab_file: str, merge_file: str) -> Optional[dict]:
     import pickle
 
     try:
+        verdict_path, state_path = _cache_paths(vocab_file, merge_file)
         # Only while the cached exactness verdict still says tiktoken is exact for these files.
-        with open(os.path.join(_cache_dir(), files_digest(vocab_file, merge_file) + ".json"), encoding="utf-8") as f:
+        with open(verdict_path, encoding="utf-8") as f:
             if json.load(f).get("problems") != []:
                 return None
-        with open(_state_path(vocab_file, merge_file), "rb") as f:
+        with open(state_path, "rb") as f:
             state = pickle.load(f)
         return state if isinstance(state, dict) and state.get("version") == STATE_VERSION else None
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError, KeyError):
@@ -127,7 +130,7 @@ def save_state(vocab_file: str, merge_file: str, state: dict) -> None:
     from megatron_lite.io_utils import atomic_open
 
     try:
-        path = _state_path(vocab_file, merge_file)
+        path = _cache_paths(vocab_file, merge_file)[1]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_open(path, "wb") as f:
             pickle.dump(dict(state, version=STATE_VERSION), f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -137,7 +140,7 @@ def save_state(vocab_file: str, merge_file: str, state: dict) -> None:
 
 def cached_exactness_problems(vocab_file: str, merge_file: str, compute) -> List[str]:
     """``compute()``'s verdict for these two files, from the cache when it has it."""
-    path = os.path.join(_cache_dir(), files_digest(vocab_file, merge_file) + ".json")
+    path = _cache_paths(vocab_file, merge_file)[0]
     try:
         with open(path, encoding="utf-8") as f:
             return list(json.load(f)["problems"])

@@ -60,24 +60,3 @@ def gathered_logits(logits: torch.Tensor, pstate, vocab_size: int) -> torch.Tens
     full = gather_from_tp(logits.float().contiguous(), pstate)
     full[..., vocab_size:] = float("-inf")
     return full
-
-
-def vocab_parallel_argmax(logits: torch.Tensor, pstate, vocab_size: int) -> torch.Tensor:
-    """argmax over the whole vocabulary of vocab-parallel logits [..., V/tp], without gathering it:
-    each TP rank's best (value, index) is all-gathered and the best of those wins (the lowest
-    index on ties, as torch.argmax of the full row)."""
-    part = logits.size(-1)
-    local = logits.float().clone()
-    first = pstate.tp_rank * part
-    if first + part > vocab_size:  # padded entries live on the last ranks
-        local[..., max(vocab_size - first, 0):] = float("-inf")
-    value, index = local.max(dim=-1)
-    index = index + first
-    if pstate.tp_size == 1:
-        return index
-    values = [torch.empty_like(value) for _ in range(pstate.tp_size)]
-    indices = [torch.empty_like(index) for _ in range(pstate.tp_size)]
-    dist.all_gather(values, value.contiguous(), group=pstate.tp_group)
-    dist.all_gather(indices, index.contiguous(), group=pstate.tp_group)
-    best = torch.stack(values).argmax(dim=0, keepdim=True)  # first rank holding the maximum
-    return torch.stack(indices).gather(0, best).squeeze(0)

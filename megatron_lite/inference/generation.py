@@ -36,6 +36,10 @@ class Generation:
     def generated(self) -> List[int]:
         return self.tokens[self.prompt_length:]
 
+    def continuation(self, tokenizer) -> str:
+        """The generated text, without the end-of-text token."""
+        return tokenizer.detokenize([t for t in self.generated if t != tokenizer.eod])
+
 
 def max_sequence_length(model: InferenceModel) -> int:
     """Positions the model can hold: --max-position-embeddings with learned positions, else --seq-length."""
@@ -135,8 +139,7 @@ def generate_text(model: InferenceModel, tokenizer, prompts: Sequence[str], max_
     ids = [tokenizer.tokenize(p) for p in prompts]
     out = []
     for prompt, g in zip(prompts, generate(model, ids, max_new_tokens, sampling, tokenizer.eod, use_cache)):
-        new = [t for t in g.generated if t != tokenizer.eod]
-        out.append({"prompt": prompt, "text": tokenizer.detokenize(new), "tokens": g.tokens,
+        out.append({"prompt": prompt, "text": g.continuation(tokenizer), "tokens": g.tokens,
                     "logprobs": g.logprobs, "stopped_at_eod": g.stopped_at_eod})
     return out
 
@@ -172,13 +175,15 @@ def evaluate_loss(model: InferenceModel, dataset, num_samples: int, eod: int) ->
     from megatron_lite.training.batch import samples_to_batch
 
     m, dev = model.cfg.model, model.pstate.device
+    step = model.cfg.train.micro_batch_size  # samples per forward, as the trainer's validation
     total = torch.zeros(2, dtype=torch.float64)
-    for i in range(num_samples):
-        texts = torch.from_numpy(dataset[i]["text"]).long().unsqueeze(0)
+    for start in range(0, num_samples, step):
+        texts = torch.stack([torch.from_numpy(dataset[i]["text"]).long()
+                             for i in range(start, min(start + step, num_samples))])
         batch = samples_to_batch(texts, eod, m, dev)
         mask = batch["loss_mask"]
-        n = batch["tokens"].size(1)
         losses = forward_through_stages(model, batch["tokens"], batch["position_ids"], lambda x: x.float(),
-                                        (1, n), attention_mask=batch["attention_mask"], labels=batch["labels"])
+                                        tuple(mask.shape), attention_mask=batch["attention_mask"],
+                                        labels=batch["labels"])
         total += torch.stack([(losses * mask).sum(), mask.sum()]).double().cpu()
     return float(total[0] / total[1].clamp(min=1.0))

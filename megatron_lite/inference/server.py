@@ -113,8 +113,7 @@ def parse_request(raw: bytes, tokenizer, positions: int, limits: ServerLimits) -
 
 
 def response_body(req: GenerationRequest, results: List[Generation], tokenizer) -> dict:
-    texts = [p + tokenizer.detokenize([t for t in g.generated if t != tokenizer.eod])
-             for p, g in zip(req.prompts, results)]
+    texts = [p + g.continuation(tokenizer) for p, g in zip(req.prompts, results)]
     out = {"text": texts, "tokens": [g.tokens for g in results]}
     if req.logprobs:
         out["logprobs"] = [g.logprobs for g in results]

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from typing import Iterable, Tuple
 
 from megatron_lite.data.jsonl_stream import (  # noqa: F401 - the curation tools use them as common.*
-    GZIP_ERRORS, check_readable, install_signal_handlers, ordered_map, parse_json_line, read_batches, read_error)
+    GZIP_ERRORS, check_output_location, check_pool_args, check_readable, install_signal_handlers, ordered_map,
+    parse_json_line, read_batches, read_error)
 from megatron_lite.errors import ConfigError, InputError, OutputPathError
 from megatron_lite.io_utils import atomic_path, write_json_atomic
 
@@ -36,19 +37,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_common_args(args) -> None:
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: must be at least 1")
-    if args.log_interval < 1:
-        raise ConfigError(f"--log-interval {args.log_interval}: must be at least 1")
+    check_pool_args(args)
     check_readable("--input", args.input)
     if args.report is None:
         args.report = report_path(args.output)
     for flag, path in (("--output", args.output), ("--report", args.report)):
-        out_dir = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(out_dir):
-            raise OutputPathError(f"{flag} {path}: directory {out_dir} does not exist (create it first)")
-        if not os.access(out_dir, os.W_OK):
-            raise OutputPathError(f"{flag} {path}: directory {out_dir} is not writable")
+        check_output_location(flag, path)
     if os.path.abspath(args.output) == os.path.abspath(args.input):
         raise ConfigError(f"--output {args.output} is the --input file; write to another file")
 
@@ -142,3 +136,23 @@ def write_report(path: str, report: dict) -> None:
     write_json_atomic(path, report, indent=1)
 
 
+
+
+def tool_main(build_parser, run, argv, summary_keys, extra=None) -> int:
+    """A curation tool's entry point: parse, let signals unwind through ``run(args)`` (it deletes its
+    temporaries), print ``done: key=value ...; report: PATH`` from the stats it returns, report errors
+    as the one reporter does. ``extra(stats)`` adds a part before the report path."""
+    from megatron_lite.cli import run_main
+
+    args = build_parser().parse_args(argv)
+    install_signal_handlers()
+
+    def body() -> int:
+        s = run(args)
+        parts = [" ".join(f"{k.replace('docs_per_s', 'docs/s')}={s[k]}" for k in summary_keys)]
+        if extra is not None:
+            parts.append(extra(s))
+        print(f"done: {'; '.join(parts)}; report: {args.report}", flush=True)
+        return 0
+
+    return run_main(body)
