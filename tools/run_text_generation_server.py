@@ -37,7 +37,7 @@ def parse_args(argv=None):
 def run(args) -> int:
     from megatron_lite.errors import ConfigError
     from megatron_lite.inference.loading import load_with_tokenizer
-    from megatron_lite.inference.server import ServerLimits, TextGenerationServer, follow
+    from megatron_lite.inference.server import ServerLimits, TextGenerationServer, follow, from_rank0
 
     for flag in ("max_request_bytes", "max_prompts", "max_tokens_to_generate", "max_queue"):
         if getattr(args, flag) < 1:
@@ -55,7 +55,7 @@ def run(args) -> int:
             problem = (f"--host {args.host} --port {args.port}: cannot listen ({e.strerror or e}); "
                        "choose a free port")
     # Every rank learns whether rank 0 could listen before the followers start waiting on it.
-    problem = _shared_from_rank0(problem)
+    problem = from_rank0(problem)
     if problem is not None:
         if ps.rank == 0:
             raise ConfigError(problem)
@@ -73,15 +73,6 @@ def run(args) -> int:
     print("server stopped", flush=True)
     return 0
 
-
-def _shared_from_rank0(value):
-    import torch.distributed as dist
-
-    if dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def main(argv=None) -> int:

@@ -214,11 +214,11 @@ class TextGenerationServer:
                 except queue.Empty:
                     idle += 0.5
                     if idle >= self.keepalive_s:
-                        _broadcast(("ping", None))
+                        from_rank0(("ping", None))
                         idle = 0.0
                     continue
                 idle = 0.0
-                _broadcast(("generate", job.request))
+                from_rank0(("generate", job.request))
                 try:
                     job.result = response_body(job.request, _run(self.model, self.tokenizer, job.request),
                                                self.tokenizer)
@@ -230,23 +230,25 @@ class TextGenerationServer:
         finally:
             self.httpd.shutdown()
             self.httpd.server_close()
-            _broadcast(("stop", None))
+            from_rank0(("stop", None))
 
     def stop(self) -> None:
         self.stopping.set()
 
 
-def _broadcast(message):
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list([message], src=0)
+def from_rank0(value=None):
+    """Rank 0's ``value`` on every rank (rank 0's requests and its stop; the others pass nothing)."""
+    if dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def follow(model, tokenizer) -> None:
     """Non-zero ranks: decode whatever rank 0 broadcasts until it says stop."""
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0)
-        kind, req = box[0]
+        kind, req = from_rank0()
         if kind == "stop":
             return
         if kind == "generate":
