@@ -27,6 +27,7 @@ INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT, as a shell reports it
 # wait this long so that rank 0 has printed the shared message before torchrun stops it.
 RANK0_FIRST_DELAY_S = 2.0
 STALL_REPORT_GRACE_S = 3.0
+STALL_REPORT_GRACE_MAX_S = 15.0
 # What gloo (and our P2P layer) say when a peer process is gone or a transfer timed out.
 PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
                      "Timed out waiting", "remote worker crashing")
@@ -103,9 +104,10 @@ def report(e: BaseException, *, usage_status: int = EXIT_FAILURE,
     if isinstance(e, RankStalledError):
         say_error(who + first_line(e))
         if multi_rank:
-            # Ranks waiting on the stalled one time out within moments of each other; torchrun stops
-            # the group at the first exit, so each lingers briefly to let the others say theirs.
-            time.sleep(STALL_REPORT_GRACE_S)
+            # The ranks waiting on the stalled one (directly, or on a rank that waits on it) time out
+            # at most one collective timeout apart; torchrun stops the group at the first exit, so each
+            # lingers that long (capped) to let the others say theirs.
+            time.sleep(min(max(e.timeout_s, STALL_REPORT_GRACE_S), STALL_REPORT_GRACE_MAX_S))
         return EXIT_PEER_LOST
     if multi_rank and is_peer_lost(e):
         say_error(who + _lost_contact_message(e))

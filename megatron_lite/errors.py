@@ -57,4 +57,9 @@ class InputError(UserError, ValueError):
 
 
 class RankStalledError(UserError):
-    """A collective timed out because another rank stopped answering (the message names it)."""
+    """A collective timed out because another rank stopped answering (the message names it).
+    ``timeout_s``: the collective timeout, which bounds how far apart the waiting ranks time out."""
+
+    def __init__(self, message: str, timeout_s: float = 0.0):
+        super().__init__(message)
+        self.timeout_s = timeout_s

@@ -475,7 +475,8 @@ def pretrain(cfg: Config, datasets_provider: DatasetsProvider, model_provider: M
     except Exception as e:  # noqa: BLE001 - only a timeout is turned into a better message
         if is_peer_lost(e) and "timed out" in f"{e} {e.__cause__}".lower():
             # Say where this rank waited and which rank stopped answering, not just "timed out".
-            raise RankStalledError(trainer.heartbeat.describe_stall()) from None
+            raise RankStalledError(trainer.heartbeat.describe_stall(),
+                                   timeout_s=60.0 * trainer.heartbeat.timeout_minutes) from None
         raise
     finally:
         trainer.close()
